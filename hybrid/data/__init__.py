@@ -1,0 +1,1 @@
+"""Datasets: readers that return one manifest DataFrame, the demo generator, and HDF5 shards."""

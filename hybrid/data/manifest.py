@@ -1,0 +1,74 @@
+"""The manifest contract: one row per image, the same columns for every dataset layout.
+
+Every reader returns a DataFrame that passes :func:`validate_manifest`; the ingest stage writes it
+as parquet. Columns that a layout does not know are null, never invented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+# column -> pandas dtype. Strings are pandas' nullable "string", integers nullable "Int8".
+MANIFEST_COLUMNS: dict[str, str] = {
+    "sample_id": "string",  # unique and stable across re-ingests of the same data
+    "dataset": "string",  # heliconius, mvtec_ad, mvtec_3d, mvtec_loco, visa, folder, demo
+    "category": "string",  # object category (MVTec/VisA) or species group (butterflies)
+    "split": "string",  # train, val, test
+    "label": "Int8",  # 0 normal, 1 anomaly or hybrid
+    "defect": "string",  # defect type for industrial data ("good" for normal test images)
+    "hybrid_type": "string",  # signal, non-signal, mimic (butterfly hybrids only)
+    "subspecies": "string",  # butterfly subspecies (name or code)
+    "parent_a": "string",  # hybrid parents (butterflies)
+    "parent_b": "string",
+    "image_path": "string",  # absolute path
+    "mask_path": "string",  # absolute path of the ground-truth mask, if any
+    "depth_path": "string",  # absolute path of sensor depth (xyz tiff or z tiff), if any
+}
+
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest (or the data behind it) breaks the contract; the message says what to do."""
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in MANIFEST_COLUMNS.items()})
+
+
+def make_manifest(rows: list[dict], source: str | Path) -> pd.DataFrame:
+    """Build a validated manifest from row dicts; missing columns become null."""
+    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)) if rows else empty_manifest()
+    df = df.astype(MANIFEST_COLUMNS)
+    return validate_manifest(df, source)
+
+
+def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> pd.DataFrame:
+    """Check columns, dtypes, unique ids and allowed values; return the frame in column order."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: manifest lacks columns {missing}")
+    df = df[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
+    if df["sample_id"].isna().any():
+        raise ManifestError(f"{source}: {int(df['sample_id'].isna().sum())} rows have no sample_id")
+    dup = df["sample_id"][df["sample_id"].duplicated(keep=False)]
+    if len(dup):
+        shown = sorted(set(dup))[:10]
+        raise ManifestError(
+            f"{source}: duplicate sample_id values {shown} ({len(set(dup))} in all); "
+            "each image must appear once: remove the repeated rows or give them distinct ids"
+        )
+    bad_split = sorted(set(df["split"].dropna()) - set(SPLITS))
+    if bad_split:
+        raise ManifestError(f"{source}: unknown split values {bad_split}; expected one of {SPLITS}")
+    if df["label"].isna().any() or not df["label"].isin([0, 1]).all():
+        raise ManifestError(f"{source}: label must be 0 (normal) or 1 (anomaly/hybrid) on every row")
+    if df["image_path"].isna().any():
+        raise ManifestError(f"{source}: {int(df['image_path'].isna().sum())} rows have no image_path")
+    return df.reset_index(drop=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    return validate_manifest(pd.read_parquet(path), path)

@@ -1,0 +1,1 @@
+"""Networks in plain torch and the store that owns every pretrained file."""
