@@ -1,0 +1,141 @@
+"""HDF5 shards: N samples per file, one sample per chunk, written whole or not at all.
+
+Layout of ``shard-NNNNN.h5`` (the data contract): ``image`` uint8 (N,H,W,3); optional ``edge``
+uint8 (N,H,W) (edge probability x 255), ``depth`` uint16 (N,H,W) (per-image min-max, larger =
+nearer), ``mask`` uint8 (N,H,W); ``sample_id`` utf-8 strings; attributes name the resolution and
+the models that made the maps. Generated shards add string columns (reference_id, ...).
+An ``index.parquet`` beside the shards maps sample_id -> (shard, index).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from hybrid.io import atomic_path
+
+SHARD_PATTERN = "shard-{:05d}.h5"
+ARRAY_DTYPES = {"image": np.uint8, "edge": np.uint8, "depth": np.uint16, "mask": np.uint8}
+_STR = h5py.string_dtype("utf-8")
+
+
+def shard_name(i: int) -> str:
+    return SHARD_PATTERN.format(i)
+
+
+def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray], strings: Mapping[str, Sequence[str]],
+                attrs: Mapping[str, object]) -> None:
+    """Write one shard atomically. ``arrays`` must include ``image``; ``strings`` ``sample_id``."""
+    if "image" not in arrays or "sample_id" not in strings:
+        raise ValueError("a shard needs an 'image' array and 'sample_id' strings")
+    n = len(strings["sample_id"])
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            want = ARRAY_DTYPES.get(name, a.dtype)
+            if a.dtype != want or len(a) != n:
+                raise ValueError(f"shard array {name!r}: got {a.dtype} x {len(a)}, want {np.dtype(want)} x {n}")
+            f.create_dataset(name, data=a, chunks=(1, *a.shape[1:]) if n else None)
+        for name, values in strings.items():
+            if len(values) != n:
+                raise ValueError(f"shard strings {name!r}: {len(values)} values for {n} samples")
+            f.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=_STR)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def read_attrs(path: str | Path) -> dict[str, object]:
+    with h5py.File(path, "r") as f:
+        return dict(f.attrs)
+
+
+def build_index(shard_paths: Sequence[str | Path]) -> pd.DataFrame:
+    """sample_id, shard (file name), index: one row per sample, in shard order."""
+    rows = []
+    for p in shard_paths:
+        with h5py.File(p, "r") as f:
+            ids = f["sample_id"].asstr()[:]
+        rows += [(sid, Path(p).name, i) for i, sid in enumerate(ids)]
+    return pd.DataFrame(rows, columns=["sample_id", "shard", "index"]).astype(
+        {"sample_id": "string", "shard": "string", "index": "int64"}
+    )
+
+
+def to_unit(a: np.ndarray, name: str) -> torch.Tensor:
+    """A stored array -> float32 tensor in [-1, 1], channels first."""
+    scale = 65535.0 if name == "depth" else 255.0
+    t = torch.from_numpy(np.ascontiguousarray(a).astype(np.float32)) * (2.0 / scale) - 1.0
+    return t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
+
+
+class ShardDataset(Dataset):
+    """Samples from the shards listed in ``index.parquet``, read lazily (memory flat in dataset size).
+
+    Items are dicts: ``sample_id`` plus each of ``fields`` as a float32 tensor in [-1, 1]
+    (image (3,H,W), edge/depth/mask (1,H,W)); with ``raw=True`` the stored arrays as they are.
+    File handles are opened per process on first use, so DataLoader workers each get their own.
+    """
+
+    def __init__(self, index: str | Path | pd.DataFrame, fields: Sequence[str] = ("image", "edge", "depth"),
+                 shard_dir: str | Path | None = None, raw: bool = False) -> None:
+        if isinstance(index, pd.DataFrame):
+            if shard_dir is None:
+                raise ValueError("shard_dir is needed when the index is given as a DataFrame")
+            self.index = index.reset_index(drop=True)
+        else:
+            self.index = pd.read_parquet(index)
+            shard_dir = shard_dir or Path(index).parent
+        self.shard_dir = Path(shard_dir)
+        self.fields = tuple(fields)
+        self.raw = raw
+        self._files: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+        if len(self.index):
+            self._check_fields(self.index["shard"].iloc[0])
+
+    def _file(self, shard: str) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = h5py.File(self.shard_dir / shard, "r")
+        return f
+
+    def _check_fields(self, shard: str) -> None:
+        f = self._file(shard)
+        missing = [k for k in self.fields if k not in f]
+        if missing:
+            raise KeyError(
+                f"{self.shard_dir / shard} has no {missing} arrays (it has {sorted(f.keys())}); "
+                "run the preprocess stage with the edge model and depth source configured"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        row = self.index.iloc[i]
+        f = self._file(row["shard"])
+        j = int(row["index"])
+        item: dict[str, object] = {"sample_id": str(row["sample_id"])}
+        for k in self.fields:
+            a = f[k][j]
+            item[k] = a if self.raw else to_unit(a, k)
+        return item
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
