@@ -1,0 +1,17 @@
+# hybrid: AnomalyHybrid from normal images to generated anomalies and hybrids, and their worth.
+# Run from the repository root:  snakemake --cores all
+# Each stage lives in rules/<stage>.smk; rule all names each stage's final output, one line each.
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/preprocess.smk"
+
+
+rule all:
+    input:
+        "results/manifest.parquet",
+        "results/shards/index.parquet",
+    default_target: True

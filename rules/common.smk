@@ -1,0 +1,84 @@
+# Shared helpers: config validation, the code hash that reruns stages when hybrid/ changes.
+
+import ast
+import hashlib
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, "../config/schema.yaml")
+
+REPO = Path(workflow.basedir)
+PACKAGE = REPO / "hybrid"
+
+
+def _module_file(name):
+    """hybrid.a.b -> hybrid/a/b.py or hybrid/a/b/__init__.py (None if not ours)."""
+    base = REPO.joinpath(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _hybrid_imports(path):
+    """Every hybrid module a file imports, at top level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n == "hybrid" or n.startswith("hybrid.")}
+
+
+def code_hash(*modules):
+    """sha256 of the named hybrid modules and everything in hybrid/ they import, transitively.
+
+    Given to each rule as params.code, so editing hybrid/models/generator.py reruns train and
+    its descendants but not ingest.
+    """
+    seen, todo = {}, list(modules)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen.values():
+            continue
+        seen[name] = path
+        todo.extend(_hybrid_imports(path))
+    h = hashlib.sha256()
+    for path in sorted(set(seen.values())):
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_paths():
+    return dict(config["models"].get("paths") or {})
+
+
+# --- data -----------------------------------------------------------------------------------
+
+DEMO_DIR = "results/data/demo"
+
+
+def ingest_inputs(wildcards):
+    """The demo's CSVs, or the dataset's own CSVs where the layout has them."""
+    if config["dataset"]["layout"] == "demo":
+        return [f"{DEMO_DIR}/butterfly_anomaly_train.csv", f"{DEMO_DIR}/ref_test.csv"]
+    opts = config["dataset"]["options"]
+    csvs = [opts.get("train_csv"), *(opts.get("reference_csvs") or {}).values()]
+    return [c for c in csvs if c]
+
+
+def reader_options():
+    """Reader keyword arguments: the demo is read by the Heliconius reader from DEMO_DIR."""
+    if config["dataset"]["layout"] == "demo":
+        return {
+            "image_dir": f"{DEMO_DIR}/images",
+            "train_csv": f"{DEMO_DIR}/butterfly_anomaly_train.csv",
+            "reference_csvs": {"test": f"{DEMO_DIR}/ref_test.csv"},
+            "depth_dir": f"{DEMO_DIR}/depth",
+        }
+    return dict(config["dataset"]["options"])

@@ -1,0 +1,11 @@
+"""Snakemake adapter: decode, resize, edges and depth into results/shards/."""
+
+from pathlib import Path
+
+from hybrid.data.manifest import read_manifest
+from hybrid.log import setup_logging
+from hybrid.preprocess import PreprocessConfig, preprocess
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "weights": snakemake.params.weights})  # noqa: F821
+preprocess(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg)  # noqa: F821
