@@ -57,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"hybrid {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

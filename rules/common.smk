@@ -4,8 +4,38 @@ import ast
 import hashlib
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
+
+def _coerce(value, schema):
+    """Snakemake parses nested `--config key='{...}'` values as strings: turn them into the
+    integers, numbers, booleans and nulls the schema asks for, so every key can be overridden."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {k: _coerce(v, props.get(k, extra if isinstance(extra, dict) else {})) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_coerce(v, schema.get("items", {})) for v in value]
+    if not isinstance(value, str):
+        return value
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "null" in types and value in ("null", "None", "~", ""):
+        return None
+    for kind, parse in (("integer", int), ("number", float)):
+        if kind in types:
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+SCHEMA = yaml.safe_load((Path(workflow.basedir) / "config" / "schema.yaml").read_text())
+config.update(_coerce(dict(config), SCHEMA))
 validate(config, "../config/schema.yaml")
 
 REPO = Path(workflow.basedir)

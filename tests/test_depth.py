@@ -7,6 +7,8 @@ import struct
 import cv2
 import numpy as np
 import pytest
+
+from tests.tiny_models import save_tiny_depth_anything
 import torch
 
 from hybrid.data.images import ImageError
@@ -101,21 +103,8 @@ def test_preprocess_accepts_both_layouts_and_refuses_floats():
 @pytest.fixture
 def tiny_depth_anything(model_dir):
     """A 137k-parameter random Depth Anything V2 saved where the store looks for the Small model."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    backbone = Dinov2Config(
-        image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16, head_hidden_size=8,
-    )
-    torch.manual_seed(0)
-    model = DepthAnythingForDepthEstimation(config).eval()
     path = model_dir / "depth_anything" / "Depth-Anything-V2-Small-hf"
-    model.save_pretrained(path)
-    return path, model
+    return path, save_tiny_depth_anything(path)
 
 
 def test_load_by_store_name_gives_the_saved_model_in_eval_mode(tiny_depth_anything):

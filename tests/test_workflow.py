@@ -1,0 +1,96 @@
+"""The workflow end to end on a tiny demo: ingest and preprocess for real, then what reruns."""
+
+from __future__ import annotations
+
+import subprocess
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from hybrid.data.images import read_image
+from tests.workflow_helpers import REPO, SNAKEMAKE, scheduled, snakemake, write_config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    write_config(work)
+    snakemake(work, "--cores", "2", "results/shards/index.parquet")
+    return work
+
+
+def test_lint_is_clean():
+    out = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "good condition" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_manifest_and_shards_match_the_source_images(demo_run):
+    manifest = pd.read_parquet(demo_run / "results/manifest.parquet")
+    index = pd.read_parquet(demo_run / "results/shards/index.parquet")
+    assert 20 <= len(manifest) <= 100
+    assert set(index["sample_id"]) == set(manifest["sample_id"])
+    assert set(manifest["hybrid_type"].dropna()) == {"signal", "non-signal", "mimic"}
+    assert (manifest["depth_path"].notna()).all()
+    by_id = manifest.set_index("sample_id")
+    shards = sorted((demo_run / "results/shards").glob("shard-*.h5"))
+    assert len(shards) == -(-len(manifest) // 16)  # shard_size 16
+    for shard in shards:
+        with h5py.File(shard) as f:
+            assert f.attrs["resolution"] == 32 and f.attrs["edge_model"] == "canny"
+            assert f.attrs["depth_source"] == "dataset"
+            ids = f["sample_id"].asstr()[:]
+            for i in (0, len(ids) - 1):
+                src = read_image(by_id.loc[ids[i], "image_path"], 32)
+                np.testing.assert_array_equal(f["image"][i], src)
+                assert f["edge"][i].dtype == np.uint8 and f["edge"][i].max() == 255
+                d = f["depth"][i]
+                assert d.dtype == np.uint16 and d.min() == 0 and d.max() == 65535
+                assert d[8:24, 8:24].mean() > d[:2, :2].mean()  # the butterfly is nearer than the background corner
+
+
+def test_nothing_reruns_on_an_unchanged_tree(demo_run):
+    assert scheduled(demo_run) == {}
+
+
+def test_preprocess_param_reruns_preprocess_and_descendants_only(demo_run):
+    jobs = scheduled(demo_run, "--config", "preprocess={resolution: 24}")
+    assert set(jobs) == {"preprocess", "all"}
+
+
+def test_ingest_param_reruns_from_ingest(demo_run):
+    jobs = scheduled(demo_run, "--config", "ingest={missing: skip}")
+    assert set(jobs) == {"ingest", "preprocess", "all"}
+
+
+def test_unknown_key_and_wrong_type_fail_before_any_job(demo_run):
+    proc = snakemake(demo_run, "-n", "--config", "preprocess={resolutoin: 24}", check=False)
+    assert proc.returncode != 0 and "resolutoin" in proc.stdout + proc.stderr
+    proc = snakemake(demo_run, "-n", "--config", "preprocess={batch_size: many}", check=False)
+    assert proc.returncode != 0 and "batch_size" in proc.stdout + proc.stderr and "integer" in proc.stdout + proc.stderr
+
+
+def test_preprocess_rule_with_pidinet_and_depth_anything(tmp_path):
+    """The network models through the real loading path: random PiDiNet and a tiny Depth Anything
+    V2 given by explicit paths in the config (models.paths)."""
+    from tests.tiny_models import save_random_pidinet, save_tiny_depth_anything
+
+    pidinet = tmp_path / "weights" / "table5_pidinet.pth"
+    save_random_pidinet(pidinet)
+    depth = tmp_path / "weights" / "da"
+    save_tiny_depth_anything(depth)
+    write_config(tmp_path, {
+        "preprocess": {"edge_model": "pidinet", "depth_source": "depth_anything_small"},
+        "models": {"paths": {"pidinet": str(pidinet), "depth_anything_small": str(depth)}},
+        "demo": {"train_per_subspecies": 1, "test_per_subspecies": 1, "train_hybrids_per_type": 1,
+                 "test_hybrids_per_type": 1},
+    })
+    snakemake(tmp_path, "--cores", "2", "results/shards/index.parquet")
+    shard = sorted((tmp_path / "results/shards").glob("shard-*.h5"))[0]
+    with h5py.File(shard) as f:
+        assert f.attrs["edge_model"] == "pidinet" and f.attrs["edge_weights"] == str(pidinet)
+        assert f.attrs["depth_source"] == "depth_anything_small" and f.attrs["depth_weights"] == str(depth)
+        edge, d = f["edge"][:], f["depth"][:]
+    assert edge.shape[1:] == (32, 32) and edge.std() > 0
+    assert d.dtype == np.uint16 and (d.reshape(len(d), -1).max(1) == 65535).all()
