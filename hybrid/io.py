@@ -1,8 +1,13 @@
-"""Atomic file writes: a reader or Snakemake never sees a half-written output."""
+"""Atomic file writes: a reader or Snakemake never sees a half-written output.
+
+Errors that come from the output's file system (full disk, read-only, no permission) are raised
+as :class:`OutputError`, naming the file and what to do, whichever library hit them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +16,39 @@ from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+_ADVICE = {
+    errno.ENOSPC: ("the disk is full", "free space, or move results/ to a larger file system"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota or move results/"),
+    errno.EROFS: ("the file system is read-only", "run from a writable folder or remount it read-write"),
+    errno.EACCES: ("permission denied", "make the output folder writable for this user"),
+    errno.EPERM: ("operation not permitted", "make the output folder writable for this user"),
+}
+# Some libraries (HDF5) report the cause only in their message text.
+_TEXT = {"No space left": errno.ENOSPC, "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
+         "Disk quota exceeded": errno.EDQUOT}
+
+
+class OutputError(OSError):
+    """An output could not be written because of its file system; the message says what to do."""
+
+
+def explain(e: Exception, path: Path) -> Exception:
+    """``e`` as an :class:`OutputError` naming ``path`` when it is a file-system problem, else ``e``.
+    HDF5 raises RuntimeError on close with the errno only in its text, hence the text match."""
+    code = getattr(e, "errno", None)
+    code = code if code in _ADVICE else next((c for t, c in _TEXT.items() if t in str(e)), None)
+    if code is None:
+        return e
+    what, todo = _ADVICE[code]
+    return OutputError(code, f"cannot write {path}: {what}; {todo}")
+
+
+def _reraise(e: Exception, path: Path) -> None:
+    err = explain(e, path)
+    if err is e:
+        raise e
+    raise err from e
 
 
 @contextlib.contextmanager
@@ -21,16 +59,21 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     On error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix or f"{path.suffix}.partial", dir=path.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should follow the umask
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or f"{path.suffix}.partial",
+                                   dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        _reraise(e, path)
+    tmp_path = Path(tmp)
+    try:
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should follow the umask
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:
+        tmp_path.unlink(missing_ok=True)
+        _reraise(e, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
