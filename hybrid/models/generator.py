@@ -1,0 +1,166 @@
+"""AnomalyHybrid generator: a pix2pixHD GlobalGenerator encoder shared by decoder groups.
+
+Each decoder group (AHD: depth-controlled, AHE: edge-controlled) has a texture branch (``A_gen``,
+Tanh) and a fusion-mask branch (``M``, Sigmoid), both with the pix2pixHD decoder structure, and
+fuses them per Eq. 1 of AnomalyHybrid:
+
+    out = C_in * (1 - M) + A_gen * M
+
+``C_in`` is "the input reference content" (paper 003, Sec. 3.2; AnomalyFactory's I_in, "a normal
+image"): the *reference* RGB among the conditions, so M = 1 marks pixels taken from the generated
+texture and M = 0 pixels copied from the reference. The conditions are named maps concatenated in
+``conditions`` order; the ``level`` picks what each decoder fuses and learns:
+
+- ``rgb`` (AnomalyHybrid): conditions reference_image + target_depth + target_edge (5 channels);
+  both groups output RGB with C_in = reference_image and learn the (augmented) target_image.
+  AnomalyFactory-style edge-only: ``decoders=["AHE"], conditions=["reference_image",
+  "target_edge"]`` (4 channels).
+- ``depth`` (AnomalyHybrid*, Sec. 3.1): conditions target_image + reference_depth +
+  reference_edge; AHD outputs depth (C_in = reference_depth, learns target_depth) and AHE edges
+  (C_in = reference_edge, learns target_edge), 1 channel each. Start it from an RGB-level model
+  with :meth:`Generator.init_from` (every tensor whose name and shape match is copied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+CHANNELS = {"image": 3, "depth": 1, "edge": 1}
+# level -> decoder -> (C_in condition, learning target)
+ROLES: dict[str, dict[str, tuple[str, str]]] = {
+    "rgb": {"AHD": ("reference_image", "target_image"), "AHE": ("reference_image", "target_image")},
+    "depth": {"AHD": ("reference_depth", "target_depth"), "AHE": ("reference_edge", "target_edge")},
+}
+DEFAULT_CONDITIONS = {
+    "rgb": ["reference_image", "target_depth", "target_edge"],
+    "depth": ["target_image", "reference_depth", "reference_edge"],
+}
+
+
+def map_channels(name: str) -> int:
+    """Channels of a named map such as ``reference_image`` (3) or ``target_edge`` (1)."""
+    role, _, modality = name.partition("_")
+    if role not in ("reference", "target") or modality not in CHANNELS:
+        raise ValueError(f"unknown map {name!r}: use reference_|target_ + one of {sorted(CHANNELS)}")
+    return CHANNELS[modality]
+
+
+def init_weights(m: nn.Module) -> None:
+    """pix2pixHD ``weights_init``: conv weights N(0, 0.02), biases left at torch's default."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+class ResnetBlock(nn.Module):
+    """pix2pixHD ResnetBlock: reflect-pad, 3x3 conv, IN, ReLU, reflect-pad, 3x3 conv, IN; + x."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+def make_encoder(in_channels: int, ngf: int, n_downsample: int, n_blocks: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7),
+                               nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+    for i in range(n_downsample):
+        c = ngf * 2**i
+        layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
+    layers += [ResnetBlock(ngf * 2**n_downsample) for _ in range(n_blocks)]
+    return nn.Sequential(*layers)
+
+
+def make_decoder(out_channels: int, ngf: int, n_downsample: int, head: nn.Module) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_downsample, 0, -1):
+        c = ngf * 2**i
+        layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                   nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), head]
+    return nn.Sequential(*layers)
+
+
+class Generator(nn.Module):
+    """Shared encoder + ResnetBlocks, one (texture, mask) decoder pair per group; see module doc.
+
+    ``forward(x)`` takes the conditions concatenated in ``self.conditions`` order (use
+    :meth:`inputs`) and returns ``{decoder: {"image": fused, "texture": A_gen, "mask": M}}``;
+    texture and image in [-1, 1], mask in [0, 1]. ``self.config`` holds the constructor arguments.
+    """
+
+    def __init__(self, level: str = "rgb", conditions: Sequence[str] | None = None,
+                 decoders: Sequence[str] = ("AHD", "AHE"), ngf: int = 64, n_downsample: int = 4,
+                 n_blocks: int = 9) -> None:
+        super().__init__()
+        if level not in ROLES:
+            raise ValueError(f"model level {level!r} is unknown; use one of {sorted(ROLES)}")
+        conditions = list(conditions or DEFAULT_CONDITIONS[level])
+        unknown = [d for d in decoders if d not in ROLES[level]]
+        if not decoders or unknown:
+            raise ValueError(f"model decoders {list(decoders)}: use a non-empty subset of {sorted(ROLES[level])}")
+        for d in decoders:
+            if ROLES[level][d][0] not in conditions:
+                raise ValueError(f"decoder {d} fuses {ROLES[level][d][0]!r}, which is not among the "
+                                 f"model conditions {conditions}; add it to 'conditions'")
+        self.config = {"level": level, "conditions": conditions, "decoders": list(decoders), "ngf": ngf,
+                       "n_downsample": n_downsample, "n_blocks": n_blocks}
+        self.level, self.conditions, self.decoder_names = level, conditions, list(decoders)
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name in conditions:
+            self.slices[name] = slice(start, start + map_channels(name))
+            start += map_channels(name)
+        self.in_channels = start
+        self.out_channels = 3 if level == "rgb" else 1
+        self.bases = {d: ROLES[level][d][0] for d in decoders}    # C_in of each decoder
+        self.targets = {d: ROLES[level][d][1] for d in decoders}  # what each decoder learns
+        self.encoder = make_encoder(self.in_channels, ngf, n_downsample, n_blocks)
+        self.decoders = nn.ModuleDict({
+            d: nn.ModuleDict({
+                "texture": make_decoder(self.out_channels, ngf, n_downsample, nn.Tanh()),
+                "mask": make_decoder(1, ngf, n_downsample, nn.Sigmoid()),
+            }) for d in decoders
+        })
+        self.apply(init_weights)
+
+    def inputs(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate named maps (``{"reference_image": ..., "target_edge": ...}``) in order."""
+        missing = [c for c in self.conditions if c not in maps]
+        if missing:
+            raise KeyError(f"generator conditions {missing} are missing; got maps {sorted(maps)}")
+        return torch.cat([maps[c] for c in self.conditions], dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"generator input has {x.shape[1]} channels, want {self.in_channels} "
+                             f"({' + '.join(self.conditions)})")
+        h = self.encoder(x)
+        out = {}
+        for d, branches in self.decoders.items():
+            texture, mask = branches["texture"](h), branches["mask"](h)
+            base = x[:, self.slices[self.bases[d]]]
+            out[d] = {"image": base * (1 - mask) + texture * mask, "texture": texture, "mask": mask}
+        return out
+
+    @torch.no_grad()
+    def init_from(self, other: nn.Module) -> list[str]:
+        """Copy every tensor of ``other`` whose name and shape match (AnomalyHybrid -> AH*).
+
+        Returns the names of this model's tensors that kept their own initialisation.
+        """
+        theirs = other.state_dict()
+        kept = []
+        for k, v in self.state_dict().items():
+            if k in theirs and theirs[k].shape == v.shape:
+                v.copy_(theirs[k])
+            else:
+                kept.append(k)
+        return kept

@@ -1,0 +1,467 @@
+"""Train AnomalyHybrid (paper 003, Fig. 4) with pix2pixHD losses; resumes exactly after a kill.
+
+Each sample {image, depth, edge} is augmented twice: the *target* group (image, depth, edge with
+one set of parameters) and the *reference* group (a different draw). The generator sees the
+conditions it was built for (AnomalyHybrid: reference image + target depth + target edge) and
+each decoder must reproduce its target (the augmented target image; AH*: target depth / edge).
+Losses (pix2pixHD): G = LSGAN + feature matching + VGG19 perceptual (+ optional pixel L1 and
+mask mean) summed over the decoders; D = 0.5 * (real + fake) per decoder. G is updated, then D,
+with Adam. bf16 autocast on request, channels_last on CUDA, DDP under torchrun (WORLD_SIZE).
+
+Randomness that decides the run is a pure function of the seed: data order of (seed, epoch)
+(DistributedSampler) and augmentations of (seed, epoch, sample index) (torch.Generator seeded in
+the dataset), so a resumed run needs only the step counter to continue the same batches; global
+RNG states are saved as well. Work checkpoints go to ``work_dir/ckpt-<step>/`` (written to a
+temporary directory, then renamed); the final one is published to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from hybrid.augment import AugmentConfig, augment
+from hybrid.io import atomic_path
+from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
+from hybrid.models.discriminator import MultiscaleDiscriminator
+from hybrid.models.generator import CHANNELS, Generator
+
+log = logging.getLogger(__name__)
+CSV_COLUMNS = ["step", "epoch", "lr", "G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask",
+               "D_total", "D_real", "D_fake"]
+
+
+@dataclass
+class TrainConfig:
+    """The train section. Paper (AH): 250 epochs, lr 2e-4 decayed linearly, batch 28 on 4 GPUs."""
+
+    epochs: int = 125           # at constant lr
+    epochs_decay: int = 125     # then linearly to zero (pix2pixHD niter / niter_decay)
+    batch_size: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lambda_feat: float = 10.0
+    lambda_vgg: float = 10.0
+    lambda_l1: float = 0.0      # optional pixel L1 to the target (not in the papers; helps offline
+                                # demos that train without VGG19 weights)
+    lambda_mask: float = 0.0    # optional mean(M) regulariser, off as in the papers
+    perceptual: str = "vgg19"   # "vgg19" or "none"
+    vgg_path: str | None = None  # explicit torchvision vgg19-dcbb9e9d.pth, else the model store
+    ndf: int = 64
+    n_layers_D: int = 3
+    num_D: int = 2
+    seed: int = 0
+    device: str = "auto"        # "auto", "cpu", "cuda"
+    precision: str = "fp32"     # "fp32" or "bf16" (autocast)
+    workers: int = 0
+    checkpoint_every: int = 1000  # steps
+    sample_every: int = 1000
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train config {key}={getattr(self, key)!r}: use one of {list(allowed)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"train config device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        for key in ("batch_size", "checkpoint_every", "sample_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train config {key}={getattr(self, key)} must be at least 1")
+        if self.epochs < 0 or self.epochs_decay < 0 or self.epochs + self.epochs_decay < 1:
+            raise ValueError(f"train config epochs={self.epochs}, epochs_decay={self.epochs_decay}: "
+                             "need non-negative values with a positive sum")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown train config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """pix2pixHD: ``lr`` for ``epochs`` epochs, then minus lr/epochs_decay per epoch (0-based)."""
+    if epoch < cfg.epochs or cfg.epochs_decay == 0:
+        return cfg.lr
+    return cfg.lr * max(0.0, (cfg.epochs + cfg.epochs_decay - epoch) / cfg.epochs_decay)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (e.g. seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PairDataset(Dataset):
+    """Index ``(epoch, i)`` -> {"target", "reference"}: two augmentations of sample ``i``, each
+    applied to the stacked ``modalities`` with one set of parameters (seeded by seed, epoch, i)."""
+
+    def __init__(self, base: Dataset, modalities: list[str], cfg: AugmentConfig, seed: int) -> None:
+        self.base, self.modalities, self.cfg, self.seed = base, modalities, cfg, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, i = key
+        item = self.base[i]
+        missing = [m for m in self.modalities if m not in item]
+        if missing:
+            raise KeyError(f"training sample {i} has no {missing} maps (it has {sorted(item)}), which the "
+                           "model conditions need; preprocess with an edge model and a depth source")
+        x = torch.cat([torch.as_tensor(item[m], dtype=torch.float32) for m in self.modalities])[None]
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
+        return {"target": augment(x, self.cfg, g)[0], "reference": augment(x, self.cfg, g)[0]}
+
+
+def named_maps(batch: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, torch.Tensor]:
+    """{"target_image": ..., "reference_edge": ...} from the stacked channels of a batch."""
+    out = {}
+    for role in ("target", "reference"):
+        c = 0
+        for m in modalities:
+            out[f"{role}_{m}"] = batch[role][:, c:c + CHANNELS[m]]
+            c += CHANNELS[m]
+    return out
+
+
+def epoch_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    idx = [(epoch, i) for i in sampler]
+    return [idx[k:k + cfg.batch_size] for k in range(0, len(idx), cfg.batch_size)]
+
+
+def split(preds: list[list[torch.Tensor]], n: int) -> list[list[list[torch.Tensor]]]:
+    """Discriminator output of ``n`` stacked equal batches -> one feature pyramid per batch."""
+    parts = [[f.chunk(n) for f in scale] for scale in preds]
+    return [[[f[k] for f in scale] for scale in parts] for k in range(n)]
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, DDP) else m
+
+
+def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.optim.Optimizer,
+               opt_D: torch.optim.Optimizer, maps: dict[str, torch.Tensor], cfg: TrainConfig,
+               autocast: contextlib.AbstractContextManager) -> tuple[dict[str, float], dict]:
+    """One G update then one D update; returns the losses and the generator outputs."""
+    g = unwrap(G)
+    cond = g.inputs(maps)
+    decoders = g.decoder_names
+    targets = sorted(set(g.targets.values()))
+    reals = torch.cat([torch.cat([cond, maps[t]], 1) for t in targets])
+    with autocast:
+        out = G(cond)
+        fakes = torch.cat([torch.cat([cond, out[d]["image"]], 1) for d in decoders])
+        with torch.no_grad():
+            pred_real = split(D(reals), len(targets))
+        with D.no_sync() if isinstance(D, DDP) else contextlib.nullcontext():
+            pred_fake = split(D(fakes), len(decoders))
+            terms = dict.fromkeys(["G_gan", "G_feat", "G_vgg", "G_l1", "G_mask"], 0.0)
+            for k, d in enumerate(decoders):
+                image, target = out[d]["image"], maps[g.targets[d]]
+                real = pred_real[targets.index(g.targets[d])]
+                parts = {"G_gan": gan_loss(pred_fake[k], True),
+                         "G_feat": feature_matching(pred_fake[k], real, cfg.n_layers_D, cfg.lambda_feat)}
+                if vgg is not None:
+                    parts["G_vgg"] = cfg.lambda_vgg * vgg(image, target)
+                if cfg.lambda_l1:
+                    parts["G_l1"] = cfg.lambda_l1 * F.l1_loss(image.float(), target.float())
+                if cfg.lambda_mask:
+                    parts["G_mask"] = cfg.lambda_mask * mask_loss(out[d]["mask"])
+                terms = {n: terms[n] + parts.get(n, 0.0) for n in terms}
+            loss_G = sum(terms.values())
+            opt_G.zero_grad(set_to_none=True)
+            loss_G.backward()
+    opt_G.step()
+    with autocast:
+        preds = split(D(torch.cat([reals, fakes.detach()])), len(targets) + len(decoders))
+        loss_D = real_D = fake_D = 0.0
+        for k, d in enumerate(decoders):
+            total, real, fake = d_loss(preds[targets.index(g.targets[d])], preds[len(targets) + k])
+            loss_D, real_D, fake_D = loss_D + total, real_D + real, fake_D + fake
+    opt_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    opt_D.step()
+    values = {"G_total": loss_G, **terms, "D_total": loss_D, "D_real": real_D, "D_fake": fake_D}
+    v = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=cond.device).detach()
+                     for x in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(v)
+        v /= dist.get_world_size()
+    return dict(zip(values, v.tolist())), out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, G: nn.Module, D: nn.Module, opt_G, opt_D, config: dict, state: dict) -> None:
+    """Write config.json, model.safetensors, discriminator.safetensors, state.pt; rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in G.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in D.state_dict().items()}, tmp / "discriminator.safetensors")
+        torch.save({**state, "optimizer_G": opt_G.state_dict(), "optimizer_D": opt_D.state_dict(),
+                    "rng": rng_state()}, tmp / "state.pt")
+        publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Rename the finished directory ``src`` onto ``dst`` (an old ``dst`` is moved aside first)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    done = sorted(p for p in Path(work_dir).glob("ckpt-*") if (p / "state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path) -> Generator:
+    """The generator of a checkpoint directory, weights from model.safetensors, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
+                                "point at the train stage's checkpoint/ output")
+    G = Generator(**json.loads((path / "config.json").read_text())["model"])
+    G.load_state_dict(load_file(path / "model.safetensors"))
+    return G.eval()
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """state.pt of a checkpoint directory (step, epoch, lr, optimizers, RNG states)."""
+    return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
+
+
+def check_same_config(ckpt: Path, saved: dict, wanted: dict, what: str) -> list[str]:
+    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if diff and what == "model":
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in diff)
+        raise ValueError(f"the work checkpoint {ckpt} was trained with a different model config "
+                         f"({detail}); restore that model config or start from an empty work_dir")
+    return diff
+
+
+# ----------------------------------------------------------------------------- logs and samples
+def start_csv(path: Path, step: int) -> None:
+    """Keep the header and the rows up to ``step`` (a resumed run rewrites what came after)."""
+    rows = []
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def save_grid(path: Path, maps: dict[str, torch.Tensor], out: dict, targets: dict[str, str],
+              conditions: list[str], rows: int = 4) -> None:
+    """PNG, one sample per row: conditions | target(s) | per decoder: fused output, mask."""
+    names = conditions + [t for t in dict.fromkeys(targets.values()) if t not in conditions]
+    cols = [maps[n] for n in names] + [x for o in out.values() for x in (o["image"], o["mask"] * 2 - 1)]
+    tiles = [c[:rows].detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).expand(-1, 3, -1, -1) for c in cols]
+    grid = torch.cat([torch.cat([t[r] for t in tiles], dim=2) for r in range(len(tiles[0]))], dim=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).round().byte().numpy()).save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- the loop
+def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rank = 0
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(dev)
+    return rank, world, torch.device(dev)
+
+
+def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg: dict, train_cfg: dict,
+          augment_cfg: dict, max_steps: int | None = None, losses_csv: str | Path | None = None,
+          samples_dir: str | Path | None = None, init_from: str | Path | None = None,
+          data: dict | None = None) -> Path:
+    """Train (or resume from ``work_dir``) and publish the final checkpoint to ``out_dir``.
+
+    ``dataset`` yields {"image", "depth", "edge"} in [-1, 1]. Live files go to ``work_dir``
+    (ckpt-*/, losses.csv, samples/); at the end losses.csv and samples/ are also copied to
+    ``losses_csv`` / ``samples_dir`` when given. ``init_from``: a checkpoint whose matching tensors
+    start a fresh run (AnomalyHybrid* from AnomalyHybrid). ``data`` (resolution, edge model, depth
+    source, ...) is recorded in config.json so that one-off generation prepares inputs alike.
+    ``max_steps`` stops after that many steps as if killed (only the periodic work checkpoints remain) and returns the latest one.
+    """
+    cfg = TrainConfig.from_dict(train_cfg)
+    aug_cfg = AugmentConfig.from_dict(augment_cfg)
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in work_dir.glob(".ckpt-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    rank, world, device = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    cuda = device.type == "cuda"
+
+    G = Generator(**model_cfg)
+    D = MultiscaleDiscriminator(G.in_channels + G.out_channels, cfg.ndf, cfg.n_layers_D, cfg.num_D)
+    vgg = load_vgg_loss(cfg.vgg_path) if cfg.perceptual == "vgg19" else None
+    config = {"model": G.config, "train": dataclasses.asdict(cfg), "augment": augment_cfg,
+              "discriminator": D.config, **({"data": data} if data else {})}
+    ckpt, step = latest_checkpoint(work_dir), 0
+    if ckpt is not None:
+        saved = json.loads((ckpt / "config.json").read_text())
+        check_same_config(ckpt, saved["model"], G.config, "model")
+        changed = check_same_config(ckpt, saved["train"], json.loads(json.dumps(config["train"])), "train")
+        if changed:
+            log.warning("resuming %s with changed train settings %s: the run is no longer exact", ckpt, changed)
+        G.load_state_dict(load_file(ckpt / "model.safetensors"))
+        D.load_state_dict(load_file(ckpt / "discriminator.safetensors"))
+    elif init_from is not None:
+        kept = G.init_from(load_checkpoint(init_from))
+        log.info("initialised from %s; %d tensors kept their own init: %s", init_from, len(kept), kept)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    G.to(device, memory_format=fmt)
+    D.to(device, memory_format=fmt)
+    vgg = vgg.to(device, memory_format=fmt) if vgg is not None else None
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
+    if ckpt is not None:
+        state = load_state(ckpt, device)
+        opt_G.load_state_dict(state["optimizer_G"])
+        opt_D.load_state_dict(state["optimizer_D"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    g, d = G, D  # the plain modules, for checkpoints and metadata
+    if world > 1:
+        G = DDP(G, device_ids=[device.index] if cuda else None)
+        D = DDP(D, device_ids=[device.index] if cuda else None)
+
+    modalities = [m for m in CHANNELS if any(n.endswith("_" + m) for n in [*g.conditions, *g.targets.values()])]
+    pairs = PairDataset(dataset, modalities, aug_cfg, cfg.seed)
+    if len(pairs) == 0:
+        raise ValueError("the training dataset is empty; check the preprocess stage's shards")
+    steps_per_epoch = len(epoch_batches(len(pairs), cfg, 0, rank, world))
+    total = (cfg.epochs + cfg.epochs_decay) * steps_per_epoch
+    stop = total if max_steps is None else min(total, max_steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    csv_path, samples = work_dir / "losses.csv", work_dir / "samples"
+    if rank == 0:
+        start_csv(csv_path, step)
+        log.info("training %d steps (%d per epoch, batch %d x %d ranks) on %s; G %.2fM params, D %.2fM; "
+                 "work dir %s", total, steps_per_epoch, cfg.batch_size, world, device,
+                 sum(p.numel() for p in g.parameters()) / 1e6, sum(p.numel() for p in d.parameters()) / 1e6, work_dir)
+
+    def checkpoint(path: Path) -> None:
+        epoch = max(step - 1, 0) // steps_per_epoch  # the epoch of the last finished step
+        save_checkpoint(path, g, d, opt_G, opt_D, {**config, "step": step, "epoch": epoch},
+                        {"step": step, "epoch": epoch, "lr": lr_at(cfg, epoch), "seed": cfg.seed})
+
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0, seen = time.perf_counter(), 0
+    while step < stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        lr = lr_at(cfg, epoch)
+        for opt in (opt_G, opt_D):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        loader = DataLoader(pairs, batch_sampler=epoch_batches(len(pairs), cfg, epoch, rank, world)[skip:],
+                            num_workers=cfg.workers, pin_memory=cuda)
+        with csv_path.open("a", newline="") if rank == 0 else contextlib.nullcontext() as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS) if rank == 0 else None
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True, memory_format=fmt) for k, v in batch.items()}
+                maps = named_maps(batch, modalities)
+                losses, out = train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast)
+                step, seen = step + 1, seen + batch["target"].shape[0] * world
+                bar.update(1)
+                if rank == 0:
+                    writer.writerow({"step": step, "epoch": epoch, "lr": lr, **losses})
+                    if step % cfg.log_every == 0 or step == stop:
+                        f.flush()
+                        rate, t0, seen = seen / (time.perf_counter() - t0), time.perf_counter(), 0
+                        log.info("step %d/%d epoch %d lr %.3g G %.4f D %.4f %.2f img/s", step, total, epoch,
+                                 lr, losses["G_total"], losses["D_total"], rate)
+                    if step % cfg.sample_every == 0 or step == total:
+                        save_grid(samples / f"step-{step:08d}.png", maps, out, g.targets, g.conditions)
+                    if step % cfg.checkpoint_every == 0 or step == total:
+                        f.flush()
+                        checkpoint(work_dir / f"ckpt-{step:08d}")
+                        for old in work_dir.glob("ckpt-*"):
+                            if old.name < f"ckpt-{step:08d}":
+                                shutil.rmtree(old)
+                if world > 1 and step % cfg.checkpoint_every == 0:
+                    dist.barrier()
+                if step >= stop:
+                    break
+    bar.close()
+    if step < total:  # stopped early by max_steps, as if killed
+        return latest_checkpoint(work_dir) or work_dir
+    if rank == 0:
+        if not (work_dir / f"ckpt-{step:08d}").exists():  # resumed a finished run
+            checkpoint(work_dir / f"ckpt-{step:08d}")
+        checkpoint(out_dir)
+        if losses_csv is not None:
+            with atomic_path(losses_csv) as tmp:
+                shutil.copyfile(csv_path, tmp)
+        if samples_dir is not None:
+            shutil.copytree(samples, Path(samples_dir), dirs_exist_ok=True)
+        log.info("published %s", out_dir)
+    if world > 1:
+        dist.barrier()
+    return out_dir
