@@ -70,5 +70,17 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> pd.D
     return df.reset_index(drop=True)
 
 
+def matches(rows: pd.DataFrame, filters: dict, where: str = "filter") -> pd.Series:
+    """Rows whose columns equal the filter values (a value or a list; compared as text, so the
+    YAML ``8`` and the manifest's ``"8"`` agree)."""
+    keep = pd.Series(True, index=rows.index)
+    for col, want in filters.items():
+        if col not in rows.columns:
+            raise ValueError(f"{where}: {col!r} is not a manifest column; use one of {list(rows.columns)}")
+        values = want if isinstance(want, (list, tuple)) else [want]
+        keep &= rows[col].astype("string").isin([str(v) for v in values]).fillna(False).astype(bool)
+    return keep
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     return validate_manifest(pd.read_parquet(path), path)

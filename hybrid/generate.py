@@ -1,0 +1,608 @@
+"""The generate stage: global hybrids, local anomalies and normal images from a trained AnomalyHybrid.
+
+Every output comes from a (reference, target) pair: the generator sees the reference RGB with the
+target's depth and edge maps, and each decoder (AHD, AHE) gives an image and its fusion mask M
+(paper 003, Sec. 3.5, Fig. 2). Three kinds:
+
+- ``global``: the target's maps unchanged: hybrids such as butterflies from two parent subspecies.
+- ``local``: the target's maps manipulated inside a region first (:mod:`hybrid.manipulate`); the
+  region is stored as the ground-truth anomaly mask.
+- ``normal``: as global, with reference and target alike (same category and ``match`` columns),
+  to enlarge the normal set (AnoHybrid+).
+
+Pairs per kind: ``random`` (reference and target drawn from the same category and equal
+``match`` columns), ``groups`` (all pairs between two filtered groups of the manifest, both
+directions) or ``explicit`` ([reference_id, target_id] lists). Each pair carries its own seed, so
+outputs do not depend on the batch size. Shards are written whole under a temporary name and carry
+a fingerprint of their pairs, the checkpoint, the input shards and the settings, so a rerun keeps
+the finished ones. ``hybrid generate`` (see :func:`add_cli`) does the same for two image files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from hybrid.data.manifest import matches
+from hybrid.data.shards import ShardDataset, read_attrs, shard_name, to_unit, write_shard
+from hybrid.io import atomic_path, write_parquet_atomic
+from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
+from hybrid.models.generator import Generator
+from hybrid.preprocess import resolve_device
+from hybrid.viz import contact_sheet
+
+log = logging.getLogger(__name__)
+
+KINDS = ("global", "local", "normal")
+STRATEGIES = ("random", "groups", "explicit")
+MANIFEST_COLUMNS = ["sample_id", "shard", "index", "pair_id", "reference_id", "target_id", "decoder",
+                    "manipulation", "category", "kind", "label"]
+_STRINGS = ["sample_id", "pair_id", "reference_id", "target_id", "decoder", "manipulation", "category", "kind"]
+
+
+@dataclass
+class PairingConfig:
+    """How one kind picks its (reference, target) pairs."""
+
+    count: int = 16  # pairs per category (each gives one image per decoder); explicit: every pair
+    pairing: str = "random"  # random | groups | explicit
+    match: list[str] = field(default_factory=list)  # random: columns reference and target share
+    groups: list[list[dict]] = field(default_factory=list)  # groups: [[filter A, filter B], ...]
+    both_directions: bool = True  # groups: B x A as well as A x B
+    pairs: list[list[str]] = field(default_factory=list)  # explicit: [[reference_id, target_id], ...]
+
+    def __post_init__(self) -> None:
+        if self.pairing not in STRATEGIES:
+            raise ValueError(f"generate pairing {self.pairing!r}: use one of {list(STRATEGIES)}")
+        if self.count < 0:
+            raise ValueError(f"generate count {self.count} must be >= 0")
+        if self.pairing == "groups" and (not self.groups or any(len(g) != 2 for g in self.groups)):
+            raise ValueError(f"generate pairing 'groups' needs groups as [[filter A, filter B], ...] "
+                             f"(e.g. [[{{subspecies: '8'}}, {{subspecies: '9'}}]]), got {self.groups!r}")
+        if self.pairing == "explicit" and (not self.pairs or any(len(p) != 2 for p in self.pairs)):
+            raise ValueError(f"generate pairing 'explicit' needs pairs as [[reference_id, target_id], ...], "
+                             f"got {self.pairs!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping, kind: str = "pairing") -> PairingConfig:
+        _check_keys(d, cls, f"generate.{kind}")
+        return cls(**d)
+
+
+@dataclass
+class GenerateConfig:
+    """The generate section: which kinds, from which samples, how many, on what device."""
+
+    seed: int = 0
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    select: dict[str, object] = field(default_factory=lambda: {"split": "train", "label": 0})
+    pairings: dict[str, PairingConfig] = field(default_factory=lambda: {k: PairingConfig() for k in KINDS})
+    manipulate: ManipulateConfig = field(default_factory=ManipulateConfig)
+    batch_size: int = 8
+    workers: int = 0  # DataLoader processes that read pairs and draw the manipulations
+    shard_size: int = 1024
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    sheet_rows: int = 4  # pairs per kind on each category's contact sheet
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"generate.kinds {bad} unknown; use some of {list(KINDS)}")
+        if self.precision not in ("auto", "fp32", "bf16") or self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"generate device {self.device!r} / precision {self.precision!r}: use device "
+                             "auto|cpu|cuda and precision auto|fp32|bf16")
+        if self.batch_size < 1 or self.shard_size < 1 or self.sheet_rows < 0 or self.workers < 0:
+            raise ValueError("generate.batch_size and shard_size must be >= 1, sheet_rows and workers >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> GenerateConfig:
+        """From the config section, where each kind's pairing sits under its own key."""
+        d = dict(d)
+        pairings = {k: PairingConfig.from_dict(d.pop(k, {}) or {}, k) for k in KINDS}
+        manipulate = ManipulateConfig.from_dict(d.pop("manipulate", {}) or {})
+        _check_keys(d, cls, "generate", extra=KINDS, hidden=("pairings",))
+        return cls(**d, pairings=pairings, manipulate=manipulate)
+
+
+def _check_keys(d: Mapping, cls: type, where: str, extra: Sequence[str] = (), hidden: Sequence[str] = ()) -> None:
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in hidden] + list(extra)
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} config key(s) {unknown}; valid keys are {sorted(known)}")
+
+
+# ----------------------------------------------------------------------------- pairs
+@dataclass(frozen=True)
+class Job:
+    """One pair to generate: one output per decoder."""
+
+    kind: str
+    category: str
+    number: int  # within (kind, category)
+    reference_id: str
+    target_id: str
+    manipulation: str  # "none" for global and normal
+    seed: int
+
+    @property
+    def pair_id(self) -> str:
+        return f"{self.kind}-{safe_name(self.category)}-{self.number:05d}"
+
+
+def safe_name(s: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(s)) or "_"
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int) -> list[tuple[str, str, str]]:
+    """(reference_id, target_id, category) pairs from manifest ``rows``; category = the target's.
+
+    random: per category, ``count`` pairs drawn with replacement, reference != target, both sharing
+    the ``match`` columns. groups: every A x B pair (and B x A), at most ``count`` per category
+    (a seeded subset). explicit: the listed pairs, in order.
+    """
+    cat = dict(zip(rows["sample_id"], rows["category"].astype(str)))
+    if cfg.pairing == "explicit":
+        missing = sorted({s for p in cfg.pairs for s in p if s not in cat})
+        if missing:
+            raise ValueError(f"generate explicit pairs name sample ids {missing[:10]} that are not in the "
+                             "manifest/shards; check the ids (the manifest's sample_id column)")
+        return [(str(r), str(t), cat[t]) for r, t in cfg.pairs]
+    out: list[tuple[str, str, str]] = []
+    if cfg.pairing == "groups":
+        pairs: list[tuple[str, str]] = []
+        for a_filter, b_filter in cfg.groups:
+            a, b = (rows.loc[matches(rows, f, "generate"), "sample_id"].tolist() for f in (a_filter, b_filter))
+            for f, g in ((a_filter, a), (b_filter, b)):
+                if not g:
+                    raise ValueError(f"generate group {f} matches no selected sample; check the filter and "
+                                     "generate.select")
+            pairs += [(r, t) for r in a for t in b if r != t]
+            if cfg.both_directions:
+                pairs += [(r, t) for r in b for t in a if r != t]
+        by_cat: dict[str, list[tuple[str, str]]] = {}
+        for r, t in pairs:
+            by_cat.setdefault(cat[t], []).append((r, t))
+        for c in sorted(by_cat):
+            p = by_cat[c]
+            if len(p) > cfg.count:
+                p = [p[i] for i in sorted(_rng(seed, zlib.crc32(c.encode())).choice(len(p), cfg.count, replace=False))]
+            out += [(r, t, c) for r, t in p]
+        return out
+    for c, sub in rows.assign(category=rows["category"].astype(str)).groupby("category", sort=True):
+        keys = ["category", *[m for m in cfg.match if m != "category"]]
+        groups = [g["sample_id"].tolist() for _, g in sub.groupby(keys, dropna=False, sort=True) if len(g) >= 2]
+        if not groups:
+            log.warning("generate: category %s has no two samples sharing %s; no random pairs for it", c, keys)
+            continue
+        targets = [(gi, k) for gi, g in enumerate(groups) for k in range(len(g))]
+        rng = _rng(seed, zlib.crc32(c.encode()))
+        for _ in range(cfg.count):
+            gi, k = targets[int(rng.integers(len(targets)))]
+            g = groups[gi]
+            j = int(rng.integers(len(g) - 1))
+            out.append((g[j + (j >= k)], g[k], c))
+    return out
+
+
+def plan_jobs(rows: pd.DataFrame, cfg: GenerateConfig) -> list[Job]:
+    """Every pair of every kind, in kind, category, number order, with its seed and manipulation."""
+    jobs: list[Job] = []
+    selected = rows[matches(rows, cfg.select, "generate.select")]
+    for ki, kind in enumerate(KINDS):
+        if kind not in cfg.kinds:
+            continue
+        pc = cfg.pairings[kind]
+        pairs = pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki))
+        counter: dict[str, int] = {}
+        for ref, tgt, c in pairs:
+            n = counter[c] = counter.get(c, -1) + 1
+            s = _seed(cfg.seed, ki, zlib.crc32(c.encode()), n)
+            manip = "none"
+            if kind == "local":
+                names = cfg.manipulate.manipulations
+                manip = names[int(_rng(s, 1).integers(len(names)))]
+            jobs.append(Job(kind, c, n, ref, tgt, manip, s))
+    return jobs
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+
+
+# ----------------------------------------------------------------------------- the generator
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        log.info("generate: bf16 autocast is only used on CUDA; running fp32 on %s", device)
+        return "fp32"
+    return precision
+
+
+def load_generator(checkpoint: str | Path, device: torch.device) -> Generator:
+    """The checkpoint's RGB-level generator on ``device``, in eval mode."""
+    from hybrid.train import load_checkpoint
+
+    G = load_checkpoint(checkpoint)
+    if G.level != "rgb":
+        raise ValueError(f"{checkpoint} holds a {G.level}-level generator (AnomalyHybrid*); generate needs an "
+                         "RGB-level (AnomalyHybrid) checkpoint: the train stage's checkpoint/")
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return G.to(device, memory_format=fmt).eval()
+
+
+def conditions(reference: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], manipulation: str,
+               seed: int, cfg: ManipulateConfig) -> dict[str, torch.Tensor]:
+    """The named maps of one pair: ``reference_*`` as given, ``target_edge``/``target_depth`` as fed
+    (manipulated inside the region for a local anomaly) and ``region`` (1, H, W) bool.
+
+    Items hold ``image`` (3, H, W) and ``edge``/``depth`` (1, H, W) in [-1, 1]. ``manipulation``:
+    "none" (global / normal) or a manipulation name, drawn with ``np.random.default_rng(seed)``.
+    """
+    if manipulation == "none":
+        maps = {k: v for k, v in target.items() if k in MANIPULATED}
+        region = torch.zeros(1, *target["image"].shape[-2:], dtype=torch.bool)
+    else:
+        maps, region = local_anomaly(target, reference, manipulation, np.random.default_rng(seed), cfg)
+    return {**{f"reference_{k}": v for k, v in reference.items()}, **{f"target_{k}": v for k, v in maps.items()},
+            "region": region.cpu()}
+
+
+@torch.inference_mode()
+def run_generator(G: Generator, batch: Mapping[str, torch.Tensor], precision: str = "fp32") -> dict:
+    """Each decoder's ``{"image": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W)}`` as CPU float
+    tensors, for stacked named maps (``conditions`` of several pairs); bf16 autocast if asked."""
+    device = next(G.parameters()).device
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = G(x)
+    return {d: {"image": o["image"].float().clamp(-1, 1).cpu(), "mask": o["mask"].float().clamp(0, 1).cpu()}
+            for d, o in out.items()}
+
+
+def generate_batch(G: Generator, references: Sequence[Mapping[str, torch.Tensor]],
+                   targets: Sequence[Mapping[str, torch.Tensor]], manipulations: Sequence[str],
+                   seeds: Sequence[int], cfg: ManipulateConfig, precision: str = "fp32") -> dict:
+    """:func:`conditions` of each pair, stacked, plus :func:`run_generator`'s outputs per decoder:
+    ``{"target_edge", "target_depth", "region", ..., "AHD": {"image", "mask"}, "AHE": {...}}``."""
+    items = [conditions(r, t, m, s, cfg) for r, t, m, s in zip(references, targets, manipulations, seeds, strict=True)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return {**batch, **run_generator(G, batch, precision)}
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), or (B, H, W) for one channel."""
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def _depth_uint16(x: torch.Tensor) -> np.ndarray:
+    return ((x[:, 0].float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32).numpy().astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------- the stage
+def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_dir: str | Path,
+             cfg: GenerateConfig) -> pd.DataFrame:
+    """Write ``out_dir/shard-*.h5``, ``out_dir/manifest.parquet`` and ``out_dir/sheets/<category>.png``.
+
+    ``index`` is the preprocess stage's index.parquet (its shards beside it); ``manifest`` the
+    ingest manifest (for categories and the ``select`` / group filters). Returns the generated
+    manifest. Shards whose fingerprint matches are kept.
+    """
+    index = Path(index)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_df = pd.read_parquet(index)
+    shard_dir = index.parent
+    rows = manifest.merge(index_df[["sample_id"]], on="sample_id")
+    jobs = plan_jobs(rows, cfg)
+    if not jobs:
+        raise ValueError(f"generate: no pairs to generate from {len(rows)} preprocessed samples (select "
+                         f"{cfg.select}, kinds {cfg.kinds}); check generate.select, the counts and the pairings")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    decoders = json.loads((Path(checkpoint) / "config.json").read_text())["model"].get("decoders", ["AHD", "AHE"])
+    per_shard = max(1, cfg.shard_size // len(decoders))
+    chunks = [jobs[i:i + per_shard] for i in range(0, len(jobs), per_shard)]
+    base = _fingerprint(checkpoint, shard_dir, index_df, cfg, device, precision)
+    prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
+              for c in chunks]
+    todo = [i for i in range(len(chunks)) if not _complete(out_dir / shard_name(i), prints[i])]
+    log.info("generate: %d pairs (%s) x %d decoders in %d shards (%d to write, %d kept) on %s, %s",
+             len(jobs), ", ".join(f"{k} {sum(j.kind == k for j in jobs)}" for k in cfg.kinds), len(decoders),
+             len(chunks), len(todo), len(chunks) - len(todo), device, precision)
+    samples = Samples(index_df, shard_dir)
+    if todo:
+        G = load_generator(checkpoint, device)
+        attrs = {k: v for k, v in read_attrs(shard_dir / index_df["shard"].iloc[0]).items()
+                 if k in ("resolution", "fit", "edge_model", "depth_source")}
+        attrs["checkpoint"] = str(checkpoint)
+        bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(decoders), desc="generate", unit="img")
+        for i in todo:
+            _write_chunk(out_dir / shard_name(i), chunks[i], G, samples, cfg, precision,
+                         {**attrs, "fingerprint": prints[i]}, bar)
+        bar.close()
+    for stale in out_dir.glob("shard-*.h5"):
+        if int(stale.stem.split("-")[1]) >= len(chunks):
+            stale.unlink()
+    result = read_generated([out_dir / shard_name(i) for i in range(len(chunks))])
+    write_parquet_atomic(result, out_dir / "manifest.parquet")
+    for c in result["category"].unique():
+        write_sheet(out_dir / "sheets" / f"{safe_name(c)}.png", result[result["category"] == c], out_dir,
+                    samples, cfg.sheet_rows)
+    samples.data.close()
+    log.info("generate: %d images in %s", len(result), out_dir)
+    return result
+
+
+class Samples:
+    """The preprocess stage's samples by sample id: ``samples[id]`` gives model-range tensors
+    (image (3, H, W), edge / depth (1, H, W) in [-1, 1]), ``samples.raw(id)`` the stored arrays."""
+
+    def __init__(self, index_df: pd.DataFrame, shard_dir: Path) -> None:
+        with h5py.File(shard_dir / index_df["shard"].iloc[0], "r") as f:
+            fields = [k for k in ("image", "edge", "depth") if k in f]
+        self.data = ShardDataset(index_df, fields, shard_dir, raw=True)
+        self.pos = {s: i for i, s in enumerate(index_df["sample_id"])}
+
+    def raw(self, sample_id: str) -> dict:
+        return self.data[self.pos[sample_id]]
+
+    def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
+        item = self.raw(sample_id)
+        return {k: to_unit(item[k], k) for k in self.data.fields}
+
+
+class PairConditions(torch.utils.data.Dataset):
+    """The :func:`conditions` of each job, so a DataLoader prepares them in worker processes."""
+
+    def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig) -> None:
+        self.jobs, self.samples, self.cfg = list(jobs), samples, cfg
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = self.jobs[i]
+        return conditions(self.samples[j.reference_id], self.samples[j.target_id], j.manipulation, j.seed, self.cfg)
+
+
+def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cfg: GenerateConfig,
+                 precision: str, attrs: dict, bar: tqdm) -> None:
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "mask", "region", "edge", "depth")}
+    strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
+    cuda = next(G.parameters()).device.type == "cuda"
+    loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate), batch_size=cfg.batch_size,
+                                         num_workers=cfg.workers, pin_memory=cuda)
+    done = 0
+    for batch in loader:
+        out = run_generator(G, batch, precision)
+        region = batch["region"][:, 0].numpy().astype(np.uint8) * 255
+        edge = to_uint8(batch["target_edge"]) if "target_edge" in batch else None
+        depth = _depth_uint16(batch["target_depth"]) if "target_depth" in batch else None
+        for k, j in enumerate(jobs[done:done + len(region)]):
+            for d in G.decoder_names:
+                arrays["image"].append(to_uint8(out[d]["image"][k:k + 1])[0])
+                arrays["mask"].append((out[d]["mask"][k, 0] * 255).round().to(torch.uint8).numpy())
+                arrays["region"].append(region[k])
+                if edge is not None:
+                    arrays["edge"].append(edge[k])
+                if depth is not None:
+                    arrays["depth"].append(depth[k])
+                for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
+                                   ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
+                                   ("manipulation", j.manipulation), ("category", j.category), ("kind", j.kind)):
+                    strings[key].append(value)
+        done += len(region)
+        bar.update(len(region) * len(G.decoder_names))
+    write_shard(path, {k: np.stack(v) for k, v in arrays.items() if v}, strings, attrs)
+    log.info("generate: wrote %s (%d images)", path.name, len(strings["sample_id"]))
+
+
+def _fingerprint(checkpoint: str | Path, shard_dir: Path, index_df: pd.DataFrame, cfg: GenerateConfig,
+                 device: torch.device, precision: str) -> str:
+    """Hash of what every output depends on besides its pair: manipulation settings, device type,
+    precision, the checkpoint (config and weight file identity) and the input shards' identities."""
+    ckpt = Path(checkpoint)
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.manipulate), sort_keys=True).encode())
+    h.update(f"{device.type}|{precision}|".encode())
+    h.update((ckpt / "config.json").read_bytes())
+    for p in [ckpt / "model.safetensors", *(shard_dir / s for s in sorted(index_df["shard"].unique()))]:
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(pd.util.hash_pandas_object(index_df, index=False).values.tobytes())
+    return h.hexdigest()
+
+
+def _complete(path: Path, fp: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return read_attrs(path).get("fingerprint") == fp
+    except OSError:  # a damaged file from an old crash: rewrite it
+        return False
+
+
+def read_generated(shards: Sequence[Path]) -> pd.DataFrame:
+    """The generated manifest: one row per image, from the shards' string datasets."""
+    frames = []
+    for p in shards:
+        with h5py.File(p, "r") as f:
+            df = pd.DataFrame({k: f[k].asstr()[:] for k in _STRINGS})
+        frames.append(df.assign(shard=p.name, index=np.arange(len(df), dtype=np.int64)))
+    df = pd.concat(frames, ignore_index=True)
+    df["label"] = (df["kind"] != "normal").astype("int8")
+    return df[MANIFEST_COLUMNS].astype({c: "string" for c in _STRINGS})
+
+
+def write_sheet(path: Path, rows: pd.DataFrame, out_dir: Path, samples: Samples, pairs_per_kind: int) -> None:
+    """A PNG of one category: per pair, reference | target | fed edge, depth | region | per decoder
+    image and mask M; ``pairs_per_kind`` pairs of each kind."""
+    rows = rows.reset_index(drop=True)
+    with h5py.File(out_dir / rows["shard"].iloc[0], "r") as f:
+        fields = [k for k in ("image", "mask", "region", "edge", "depth") if k in f]
+    gen = ShardDataset(rows, fields, out_dir, raw=True)
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    cols = 1
+    for kind in KINDS:
+        for pair in list(dict.fromkeys(rows.loc[rows["kind"] == kind, "pair_id"]))[:pairs_per_kind]:
+            idx = np.flatnonzero((rows["pair_id"] == pair).to_numpy())
+            items = [gen[int(i)] for i in idx]
+            first = rows.iloc[idx[0]]
+            row = [samples.raw(first["reference_id"])["image"], samples.raw(first["target_id"])["image"]]
+            names = ["reference", f"target ({kind})"]
+            for k in ("edge", "depth"):
+                if k in items[0]:
+                    row.append(items[0][k])
+                    names.append(f"fed {k}")
+            row.append(items[0]["region"])
+            names.append(f"region ({first['manipulation']})")
+            for i, item in zip(idx, items):
+                d = rows.at[int(i), "decoder"]
+                row += [item["image"], item["mask"]]
+                names += [d, f"{d} M"]
+            images += [a.astype(np.float32) / 65535 if a.dtype == np.uint16 else a for a in row]
+            labels += names
+            cols = max(cols, len(row))
+    gen.close()
+    if images:
+        sheet = contact_sheet(images, labels, cols=cols, cell=128)
+        with atomic_path(path) as tmp:
+            Image.fromarray(sheet).save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- one-off use
+DEFAULT_DATA = {"resolution": 256, "fit": "stretch", "edge_model": "canny", "depth_source": "depth_anything_small"}
+
+
+def compute_maps(images: np.ndarray, edge_model: str, depth_source: str, device: torch.device,
+                 weights: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Edge (uint8 (B, H, W)) and Depth Anything depth (uint16) of uint8 RGB images, encoded as the
+    preprocess stage stores them; "none" skips a map. Sensor depth comes from files, not here."""
+    from hybrid.models.depth import load_depth_anything, predict_depth, to_uint16
+    from hybrid.models.edges import make_edge_detector
+
+    weights = dict(weights or {})
+    out: dict[str, np.ndarray] = {}
+    if edge_model != "none":
+        e = make_edge_detector(edge_model, device, weights.get(edge_model))(images).float().clamp(0, 1)
+        out["edge"] = (e * 255).round().to(torch.uint8).numpy()
+    if depth_source.startswith("depth_anything"):
+        model = load_depth_anything(weights.get(depth_source, depth_source), device)
+        out["depth"] = to_uint16(predict_depth(model, torch.from_numpy(images).to(device)).numpy())
+    elif depth_source != "none":
+        raise ValueError(f"depth source {depth_source!r} reads depth files: pass --reference-depth and "
+                         "--target-depth, or choose --depth-source depth_anything_small")
+    return out
+
+
+def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Path, out: str | Path,
+                 manipulation: str = "none", seed: int = 0, edge_model: str | None = None,
+                 depth_source: str | None = None, reference_depth: str | Path | None = None,
+                 target_depth: str | Path | None = None, device: str = "auto",
+                 cfg: ManipulateConfig | None = None, weights: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Generate from two image files into ``out``: ``<decoder>.png``, ``<decoder>_mask.png``,
+    ``region.png``, the fed ``target_edge.png`` / ``target_depth.png`` and ``sheet.png``.
+
+    Resolution, fit, edge model and depth source come from the checkpoint's config.json ``data``
+    entry when recorded (else 256, stretch, canny, depth_anything_small); the arguments override
+    them. ``manipulation``: none (a global hybrid), random (one of ``cfg.manipulations``) or a name.
+    Sensor depth (depth source sensor / dataset) is read from ``reference_depth`` / ``target_depth``.
+    """
+    from hybrid.data.images import read_image
+    from hybrid.models.depth import sensor_nearness, to_uint16
+
+    cfg = cfg or ManipulateConfig()
+    if manipulation == "random":
+        manipulation = cfg.manipulations[int(np.random.default_rng(seed).integers(len(cfg.manipulations)))]
+    elif manipulation != "none":
+        check_manipulation(manipulation)
+    data = {**DEFAULT_DATA, **json.loads((Path(checkpoint) / "config.json").read_text()).get("data", {})}
+    edge_model, depth_source = edge_model or data["edge_model"], depth_source or data["depth_source"]
+    size = int(data["resolution"])
+    dev = resolve_device(device)
+    G = load_generator(checkpoint, dev)
+    images = np.stack([read_image(p, size, data["fit"]) for p in (reference, target)])
+    needs_depth = any(c.endswith("_depth") for c in G.conditions)
+    depth_files = (reference_depth, target_depth)
+    sensor = depth_source in ("sensor", "dataset") or any(depth_files)
+    maps = compute_maps(images, edge_model, "none" if sensor or not needs_depth else depth_source, dev, weights)
+    if sensor and needs_depth:
+        if not all(depth_files):
+            raise ValueError(f"the depth source is {depth_source!r} (sensor depth): pass both --reference-depth "
+                             "and --target-depth files, or --depth-source depth_anything_small")
+        maps["depth"] = to_uint16(np.stack([sensor_nearness(p, (size, size)) for p in depth_files]))
+    items = [{"image": to_unit(images[i], "image"), **{k: to_unit(v[i], k) for k, v in maps.items()}} for i in (0, 1)]
+    result = generate_batch(G, [items[0]], [items[1]], [manipulation], [seed], cfg,
+                            resolve_precision("auto", dev))
+    files: dict[str, np.ndarray] = {}
+    for d in G.decoder_names:
+        files[d] = to_uint8(result[d]["image"])[0]
+        files[f"{d}_mask"] = to_uint8(result[d]["mask"] * 2 - 1)[0]
+    files["region"] = result["region"][0, 0].numpy().astype(np.uint8) * 255
+    fed = [f"target_{k}" for k in MANIPULATED if f"target_{k}" in result]
+    files |= {name: to_uint8(result[name])[0] for name in fed}
+    order = ["reference", "target", *fed, "region",
+             *(n for d in G.decoder_names for n in (d, f"{d}_mask"))]
+    sheet = contact_sheet([{"reference": images[0], "target": images[1], **files}[n] for n in order],
+                          [n if n != "region" else f"region ({manipulation})" for n in order],
+                          cols=len(order), cell=min(max(size, 128), 256))
+    written = {}
+    for name, a in {**files, "sheet": sheet}.items():
+        path = Path(out) / f"{name}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(a).save(tmp, format="PNG")
+        written[name] = path
+    return written
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    cfg = ManipulateConfig.from_dict(json.loads(args.manipulate)) if args.manipulate else None
+    files = generate_one(args.checkpoint, args.reference, args.target, args.out, args.manipulation, args.seed,
+                         args.edge_model, args.depth_source, args.reference_depth, args.target_depth,
+                         args.device, cfg)
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``generate``: one global hybrid or local anomaly from two image files."""
+    p = subparsers.add_parser("generate", help="generate a hybrid or a local anomaly from a reference and a "
+                              "target image with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="the train stage's checkpoint directory")
+    p.add_argument("--reference", required=True, help="image giving the appearance")
+    p.add_argument("--target", required=True, help="image giving the structure (depth and edges)")
+    p.add_argument("--out", required=True, help="folder for the outputs")
+    p.add_argument("--manipulation", default="none",
+                   help="none (global hybrid), random, merge, remove, replace or tps (local anomaly)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--edge-model", default=None, help="override the checkpoint's (pidinet, canny, ...)")
+    p.add_argument("--depth-source", default=None, help="override the checkpoint's (depth_anything_small, ...)")
+    p.add_argument("--reference-depth", default=None, help="sensor depth file (xyz tiff) of the reference")
+    p.add_argument("--target-depth", default=None, help="sensor depth file (xyz tiff) of the target")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--manipulate", default=None,
+                   help='region and manipulation settings as JSON, e.g. \'{"area": [0.02, 0.1]}\'')
+    p.set_defaults(func=cmd_generate)
+    return p

@@ -1,0 +1,335 @@
+"""Local anomaly regions and the condition manipulations of AnomalyHybrid (paper 003, Sec. 3.5).
+
+A local anomaly is made by editing the *target* edge and depth maps inside a region before they
+reach the generator (Fig. 2a, Fig. 5, Table 7):
+
+- Region ("Mask"): the union of regions drawn on the target and on the reference; the reference
+  (its regions and its maps) is first augmented into the target frame by a random flip, resize
+  about the centre and shift (crop). Each region is a random shape with a drawn area and aspect
+  ratio, chosen as the ``k`` highest pixels of a score field, so its area is exact: a ``blob``
+  (an elliptic envelope plus smooth noise, thresholded), an ``ellipse``, a ``rectangle`` or a
+  star-shaped ``polygon``. Object-aware regions (AnomalyFactory's "semantic" regions, without
+  SAM) are drawn inside the object foreground, the pixels nearer than the background in depth or
+  unlike the border colour, and the union is cut to the target's foreground: anomalies land on
+  the object.
+- ``merge``: reference and target combined (edges: maximum; depth: a random blend).
+- ``remove``: edges cleared (-1) and depth set to the background (median on the image border):
+  holes, cracks, cuts.
+- ``replace``: target values replaced by the (augmented) reference's.
+- ``tps``: a thin-plate-spline warp of the target maps, confined to the region.
+
+Maps are float tensors in the model range [-1, 1], shaped (C, H, W): ``image`` (3), ``edge`` and
+``depth`` (1, nearness: larger = nearer). Outside the region every map is returned bit-identical.
+All randomness comes from the caller's ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybrid.augment import tps_warp_grid
+
+Maps = dict[str, torch.Tensor]
+SHAPES = ("blob", "ellipse", "rectangle", "polygon")
+FOREGROUNDS = ("auto", "depth", "color")
+MANIPULATED = ("edge", "depth")  # the target conditions a manipulation edits
+_BORDER = 0.05  # width of the border ring that defines the background, fraction of the short side
+_FG_FRACTION = (0.01, 0.9)  # a usable foreground covers this fraction of the image
+
+
+@dataclass
+class ManipulateConfig:
+    """Local anomaly settings (the ``generate.manipulate`` config section)."""
+
+    manipulations: list[str] = field(default_factory=lambda: ["merge", "remove", "replace", "tps"])
+    shapes: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in SHAPES})  # weights
+    area: tuple[float, float] = (0.005, 0.04)  # area of each region, fraction of the image
+    aspect: tuple[float, float] = (0.25, 4.0)  # width / height of a shape (drawn log-uniformly)
+    regions: tuple[int, int] = (1, 2)  # regions drawn on each of target and reference
+    object_aware: float = 0.9  # probability that regions are kept on the object foreground
+    foreground: str = "auto"  # auto (depth, else colour) | depth | color
+    foreground_threshold: float = 0.1  # departure from the border value, fraction of the range
+    reference_scale: tuple[float, float] = (0.8, 1.25)  # resize of the reference about the centre
+    reference_shift: float = 0.15  # max shift (crop) of the reference, fraction of the side
+    reference_flip: float = 0.5  # probability of each flip (left-right, top-bottom)
+    merge_weight: tuple[float, float] = (0.3, 0.7)  # weight of the target depth in a merge
+    tps_shift: float = 0.12  # max TPS control-point shift, fraction of the region's box side
+
+    def __post_init__(self) -> None:
+        self.manipulations = list(self.manipulations)
+        if not self.manipulations:
+            raise ValueError(f"manipulate.manipulations is empty; use some of {sorted(MANIPULATIONS)}")
+        for m in self.manipulations:
+            check_manipulation(m)
+        unknown = sorted(set(self.shapes) - set(SHAPES))
+        if unknown or not self.shapes or min(self.shapes.values()) < 0 or sum(self.shapes.values()) <= 0:
+            raise ValueError(f"manipulate.shapes {self.shapes}: give non-negative weights with a positive "
+                             f"sum to some of {list(SHAPES)}")
+        for name in ("area", "aspect", "regions", "reference_scale", "merge_weight"):
+            lo, hi = _pair(name, getattr(self, name))
+            if not 0 <= lo <= hi:
+                raise ValueError(f"manipulate.{name} must be (min, max) with 0 <= min <= max, got {(lo, hi)}")
+            setattr(self, name, (int(lo), int(hi)) if name == "regions" else (float(lo), float(hi)))
+        if not 0 < self.area[1] <= 1 or self.aspect[0] <= 0 or self.regions[1] < 1 or self.reference_scale[0] <= 0:
+            raise ValueError(f"manipulate: area {self.area} must lie in (0, 1], aspect {self.aspect} and "
+                             f"reference_scale {self.reference_scale} must be positive, regions {self.regions} "
+                             "must allow at least one")
+        if self.foreground not in FOREGROUNDS:
+            raise ValueError(f"manipulate.foreground {self.foreground!r}: use one of {list(FOREGROUNDS)}")
+        for name in ("object_aware", "reference_flip", "merge_weight"):
+            v = getattr(self, name)
+            if not all(0 <= x <= 1 for x in (v if isinstance(v, tuple) else (v,))):
+                raise ValueError(f"manipulate.{name} must lie in [0, 1], got {v}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ManipulateConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown manipulate config key(s) {unknown}; valid keys are {known}")
+        return cls(**d)
+
+
+def _pair(name: str, v) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"manipulate.{name} must be a (min, max) pair, got {v!r}")
+    return v[0], v[1]
+
+
+def check_manipulation(name: str) -> str:
+    """``name`` if it is a manipulation, else a ValueError naming it and listing the valid ones."""
+    if name not in MANIPULATIONS:
+        raise ValueError(f"unknown manipulation {name!r}; valid manipulations are {', '.join(MANIPULATIONS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------- foreground
+def border_ring(height: int, width: int) -> np.ndarray:
+    """(H, W) bool: the pixels within 5% of the short side from the image border."""
+    b = max(1, round(_BORDER * min(height, width)))
+    ring = np.ones((height, width), bool)
+    ring[b:height - b, b:width - b] = False
+    return ring
+
+
+def background_value(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel median of ``x`` (C, H, W) on the border ring, shaped (C, 1, 1)."""
+    ring = torch.from_numpy(border_ring(*x.shape[-2:])).to(x.device)
+    return x[:, ring].median(dim=1).values[:, None, None]
+
+
+def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: float = 0.1) -> np.ndarray | None:
+    """The object's pixels (H, W) bool, or None where no object stands out (textures).
+
+    ``depth``: nearer than the border median by more than ``threshold`` of the depth range;
+    ``color``: some channel differs from the border median colour by more than ``threshold`` of
+    the value range; ``auto``: depth when it gives a usable foreground (1% to 90% of the image),
+    else colour.
+    """
+    def usable(fg: torch.Tensor) -> np.ndarray | None:
+        frac = float(fg.float().mean())
+        return fg.cpu().numpy() if _FG_FRACTION[0] <= frac <= _FG_FRACTION[1] else None
+
+    if mode in ("auto", "depth") and "depth" in maps:
+        d = maps["depth"]
+        fg = usable((d - background_value(d))[0] > 2 * threshold)
+        if fg is not None or mode == "depth":
+            return fg
+    if mode in ("auto", "color") and "image" in maps:
+        im = maps["image"]
+        return usable(((im - background_value(im)).abs() > 2 * threshold).any(0))
+    return None
+
+
+# ----------------------------------------------------------------------------- regions
+def shape_field(shape: str, height: int, width: int, centre: tuple[float, float], radius: float,
+                aspect: float, angle: float, rng: np.random.Generator) -> np.ndarray:
+    """Score (H, W) of a shape centred at ``centre`` (x, y): larger = more inside. Its top pixels
+    form the shape; ``radius`` is that of the circle of the wanted area."""
+    dx = np.arange(width, dtype=np.float32)[None] - np.float32(centre[0])
+    dy = np.arange(height, dtype=np.float32)[:, None] - np.float32(centre[1])
+    c, s, k = math.cos(angle), math.sin(angle), math.sqrt(aspect)
+    u = dx * np.float32(c / (k * radius)) + dy * np.float32(s / (k * radius))  # (H, W) by broadcasting
+    v = dx * np.float32(-s * k / radius) + dy * np.float32(c * k / radius)
+    if shape == "ellipse":
+        return -(u * u + v * v)
+    if shape == "rectangle":
+        return -np.maximum(np.abs(u), np.abs(v))
+    if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle
+        n = int(rng.integers(3, 9))  # vertex angles: jittered by < 0.2 of the spacing, so gaps < pi
+        theta = np.sort(np.mod((np.arange(n) + rng.uniform(-0.2, 0.2, n)) * 2 * math.pi / n
+                               + rng.uniform(0, 2 * math.pi), 2 * math.pi))
+        r = rng.uniform(0.5, 1.0, n)
+        phi = np.mod(np.arctan2(v, u), 2 * math.pi)
+        i = (np.searchsorted(theta, phi, side="right") - 1) % n  # the vertex before phi
+        j = (i + 1) % n
+        rel, gap = np.mod(phi - theta[i], 2 * math.pi), np.mod(theta[j] - theta[i], 2 * math.pi)
+        edge = r[i] * r[j] * np.sin(gap) / (r[i] * np.sin(rel) + r[j] * np.sin(gap - rel))
+        return -np.hypot(u, v) / edge
+    if shape == "blob":  # thresholded smooth noise under an elliptic envelope: an irregular blob
+        cells = int(np.clip(round(max(height, width) / (0.7 * radius)), 4, 64))
+        noise = cv2.resize(rng.standard_normal((cells, cells)).astype(np.float32), (width, height),
+                           interpolation=cv2.INTER_CUBIC)
+        noise = (noise - noise.mean()) / (noise.std() + 1e-8)
+        return -(u * u + v * v) + 0.8 * noise
+    raise ValueError(f"unknown region shape {shape!r}; valid shapes are {', '.join(SHAPES)}")
+
+
+def top_pixels(score: np.ndarray, allowed: np.ndarray | None, k: int) -> np.ndarray:
+    """(H, W) bool of the ``k`` highest-scoring allowed pixels (all allowed ones if fewer)."""
+    flat = score.ravel() if allowed is None else np.where(allowed, score, -np.inf).ravel()
+    k = int(min(max(k, 1), flat.size if allowed is None else allowed.sum()))
+    out = np.zeros(flat.size, bool)
+    if k > 0:
+        out[np.argpartition(-flat, k - 1)[:k]] = True
+    return out.reshape(score.shape)
+
+
+def draw_region(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
+                allowed: np.ndarray | None = None) -> np.ndarray:
+    """One random region (H, W) bool of ``cfg.area`` x image pixels, inside ``allowed`` if given."""
+    names = list(cfg.shapes)
+    weights = np.array([cfg.shapes[n] for n in names], float)
+    shape = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    area = rng.uniform(*cfg.area) * height * width
+    aspect = math.exp(rng.uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1])))
+    angle = rng.uniform(0, math.pi)
+    cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
+    cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
+    score = shape_field(shape, height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng)
+    return top_pixels(score, allowed, round(area))
+
+
+def draw_regions(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
+                 allowed: np.ndarray | None = None) -> np.ndarray:
+    """The union of ``cfg.regions`` (min, max) random regions."""
+    out = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(cfg.regions[0], cfg.regions[1] + 1))):
+        out |= draw_region(height, width, rng, cfg, allowed)
+    return out
+
+
+def reference_affine(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig) -> np.ndarray:
+    """A (2, 3) affine (reference pixel -> target pixel): flips, resize about the centre, shift."""
+    flip = rng.random(2) < cfg.reference_flip
+    scale = rng.uniform(*cfg.reference_scale)
+    shift = rng.uniform(-cfg.reference_shift, cfg.reference_shift, 2) * (width, height)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    sx, sy = scale * (-1 if flip[0] else 1), scale * (-1 if flip[1] else 1)
+    return np.array([[sx, 0, cx - sx * cx + shift[0]], [0, sy, cy - sy * cy + shift[1]]], np.float64)
+
+
+def warp(x: np.ndarray, affine: np.ndarray, nearest: bool = False) -> np.ndarray:
+    """``x`` (H, W) moved by ``affine``; outside the source: zeros (masks) or replicated border."""
+    h, w = x.shape
+    if nearest:
+        return cv2.warpAffine(x.astype(np.uint8), affine, (w, h), flags=cv2.INTER_NEAREST,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+    return cv2.warpAffine(x.astype(np.float32), affine, (w, h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def align_reference(reference: Mapping[str, torch.Tensor], affine: np.ndarray) -> Maps:
+    """The reference's edge and depth maps moved into the target frame by ``affine``."""
+    return {k: torch.stack([torch.from_numpy(warp(c.cpu().numpy(), affine)) for c in v]).to(v)
+            for k, v in reference.items() if k in MANIPULATED}
+
+
+def sample_region(target: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                  rng: np.random.Generator, cfg: ManipulateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The anomaly region (H, W) bool in the target frame and the reference's affine (2, 3)."""
+    h, w = next(iter(target.values())).shape[-2:]
+    aware = rng.random() < cfg.object_aware
+    fg_t = foreground(target, cfg.foreground, cfg.foreground_threshold) if aware else None
+    fg_r = foreground(reference, cfg.foreground, cfg.foreground_threshold) if aware else None
+    region = draw_regions(h, w, rng, cfg, fg_t)
+    affine = reference_affine(h, w, rng, cfg)
+    region |= warp(draw_regions(h, w, rng, cfg, fg_r), affine, nearest=True)
+    if fg_t is not None:
+        region &= fg_t
+    if not region.any():  # no target region drawn and the reference's moved away: draw one
+        region = draw_region(h, w, rng, cfg, fg_t)
+    return region, affine
+
+
+# ----------------------------------------------------------------------------- manipulations
+def _inside(target: Maps, new: Maps, region: torch.Tensor) -> Maps:
+    return {k: torch.where(region, new[k], target[k]) for k in target}
+
+
+def merge(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Generator,
+          cfg: ManipulateConfig) -> Maps:
+    """Edges: the maximum of both; depth: ``w * target + (1 - w) * reference``, w ~ merge_weight."""
+    w = rng.uniform(*cfg.merge_weight)
+    new = {k: torch.maximum(v, reference[k]) if k == "edge" else w * v + (1 - w) * reference[k]
+           for k, v in target.items()}
+    return _inside(target, new, region)
+
+
+def remove(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Generator,
+           cfg: ManipulateConfig) -> Maps:
+    """Edges cleared (-1); depth set to the background value (the border median)."""
+    new = {k: torch.full_like(v, -1.0) if k == "edge" else background_value(v).expand_as(v)
+           for k, v in target.items()}
+    return _inside(target, new, region)
+
+
+def replace(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Generator,
+            cfg: ManipulateConfig) -> Maps:
+    """The reference's values in the region."""
+    return _inside(target, reference, region)
+
+
+def tps(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Generator,
+        cfg: ManipulateConfig) -> Maps:
+    """A thin-plate spline over the region's box: a 5x5 lattice whose border is fixed and whose
+    inner 3x3 points shift by up to ``tps_shift`` of the box side; applied inside the region.
+    The warp is evaluated on the box only (content is drawn from it, its border replicated)."""
+    h, w = region.shape[-2:]
+    ys, xs = np.nonzero(region.reshape(h, w).cpu().numpy())
+    if len(xs) == 0:
+        return dict(target)
+    x0, x1 = max(int(xs.min()) - 2, 0), min(int(xs.max()) + 2, w - 1)
+    y0, y1 = max(int(ys.min()) - 2, 0), min(int(ys.max()) + 2, h - 1)
+    t = np.linspace(0.0, 1.0, 5)
+    gy, gx = np.meshgrid(t, t, indexing="ij")
+    src = np.stack([gx * (x1 - x0), gy * (y1 - y0)], -1).reshape(-1, 2)  # box coordinates
+    inner = ((gx > 0) & (gx < 1) & (gy > 0) & (gy < 1)).ravel()
+    dst = src.copy()
+    dst[inner] += rng.uniform(-cfg.tps_shift, cfg.tps_shift, (int(inner.sum()), 2)) * (x1 - x0, y1 - y0)
+    grid = tps_warp_grid(torch.from_numpy(src).float()[None], torch.from_numpy(dst).float()[None],
+                         y1 - y0 + 1, x1 - x0 + 1)
+    new = {}
+    for k, v in target.items():
+        box = v[None, :, y0:y1 + 1, x0:x1 + 1].float()
+        warped = F.grid_sample(box, grid.to(v.device), mode="bilinear", padding_mode="border", align_corners=False)
+        new[k] = v.clone()
+        new[k][:, y0:y1 + 1, x0:x1 + 1] = warped[0].to(v.dtype)
+    return _inside(target, new, region)
+
+
+Manipulation = Callable[[Maps, Maps, torch.Tensor, np.random.Generator, ManipulateConfig], Maps]
+MANIPULATIONS: dict[str, Manipulation] = {"merge": merge, "remove": remove, "replace": replace, "tps": tps}
+
+
+def local_anomaly(target: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], manipulation: str,
+                  rng: np.random.Generator, cfg: ManipulateConfig) -> tuple[Maps, torch.Tensor]:
+    """Manipulated target maps (``edge``/``depth``, those present) and the region (1, H, W) bool.
+
+    ``target`` and ``reference`` hold ``image`` (3, H, W) and ``edge``/``depth`` (1, H, W) in [-1, 1].
+    """
+    fn = MANIPULATIONS[check_manipulation(manipulation)]
+    maps = {k: v for k, v in target.items() if k in MANIPULATED}
+    if not maps:
+        raise ValueError(f"a local anomaly edits edge or depth maps, but the target has only {sorted(target)}")
+    region_np, affine = sample_region(target, reference, rng, cfg)
+    region = torch.from_numpy(region_np)[None].to(next(iter(maps.values())).device)
+    return fn(maps, align_reference(reference, affine), region, rng, cfg), region

@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import torch
+
+from hybrid.manipulate import (
+    MANIPULATIONS,
+    ManipulateConfig,
+    background_value,
+    draw_region,
+    draw_regions,
+    foreground,
+    local_anomaly,
+    merge,
+    reference_affine,
+    remove,
+    replace,
+    sample_region,
+    tps,
+)
+
+H = W = 32
+
+
+def scene(seed: int, depth: bool = True) -> dict[str, torch.Tensor]:
+    """A bright disc on a dark background; depth nearer on the disc; edges on its rim; stripes of
+    texture on the disc so that warps show."""
+    rng = np.random.default_rng(seed)
+    cy, cx, r = 16 + rng.uniform(-2, 2), 16 + rng.uniform(-2, 2), rng.uniform(8, 11)
+    yy, xx = np.mgrid[0:H, 0:W]
+    dist = np.hypot(xx - cx, yy - cy)
+    disc = dist < r
+    near = np.where(disc, 1 - dist / r, 0.0) * 1.6 - 0.6
+    rim = (np.abs(dist - r) < 1) | (disc & (np.sin(xx * 1.3 + seed) > 0.8))
+    image = np.where(disc, 0.7, -0.8)[None].repeat(3, 0) + 0.1 * np.sin(xx / 3.0)[None]
+    out = {"image": torch.tensor(image, dtype=torch.float32),
+           "edge": torch.tensor(np.where(rim, 1.0, -1.0), dtype=torch.float32)[None]}
+    if depth:
+        out["depth"] = torch.tensor(near, dtype=torch.float32)[None]
+    return out
+
+
+def maps(s: dict) -> dict:
+    return {k: s[k] for k in ("edge", "depth") if k in s}
+
+
+def some_region(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(draw_region(H, W, np.random.default_rng(seed), ManipulateConfig(area=(0.1, 0.1))))[None]
+
+
+def test_remove_clears_edges_and_flattens_depth_only_inside_the_region():
+    t, r, region = maps(scene(0)), maps(scene(1)), some_region()
+    out = remove(t, r, region, np.random.default_rng(0), ManipulateConfig())
+    assert (out["edge"][region] == -1).all()
+    assert torch.equal(out["edge"][~region], t["edge"][~region])
+    assert torch.equal(out["depth"][~region], t["depth"][~region])
+    assert torch.allclose(out["depth"][region], background_value(t["depth"]).flatten().expand(int(region.sum())))
+    assert background_value(t["depth"]).item() == pytest.approx(-0.6)  # the far background of the scene
+
+
+def test_replace_copies_reference_values_exactly_and_leaves_the_outside_bit_identical():
+    t, r, region = maps(scene(0)), maps(scene(1)), some_region(3)
+    out = replace(t, r, region, np.random.default_rng(0), ManipulateConfig())
+    for k in t:
+        assert torch.equal(out[k][region], r[k][region])
+        assert torch.equal(out[k][~region], t[k][~region])
+
+
+def test_merge_takes_the_edge_maximum_and_a_depth_blend_inside_the_region():
+    t, r = maps(scene(0)), maps(scene(5))
+    region = torch.zeros(1, H, W, dtype=torch.bool)
+    region[:, 10:22, 12:20] = True  # on both discs, whose depths differ there
+    out = merge(t, r, region, np.random.default_rng(0), ManipulateConfig(merge_weight=(0.3, 0.7)))
+    assert torch.equal(out["edge"][region], torch.maximum(t["edge"], r["edge"])[region])
+    lo, hi = torch.minimum(t["depth"], r["depth"]), torch.maximum(t["depth"], r["depth"])
+    inside = out["depth"][region]
+    assert ((inside >= lo[region] - 1e-6) & (inside <= hi[region] + 1e-6)).all()
+    w = (inside - r["depth"][region]) / (t["depth"][region] - r["depth"][region])
+    differs = (t["depth"] - r["depth"]).abs()[region] > 1e-3
+    assert 0.3 <= w[differs].min() and w[differs].max() <= 0.7 and w[differs].std() < 1e-4  # one weight
+    assert torch.equal(out["depth"][~region], t["depth"][~region])
+
+
+def test_tps_moves_content_only_inside_the_region():
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    t = {"edge": (torch.sin(xx * 0.9) * torch.cos(yy * 0.7))[None].float(), "depth": (xx / W * 2 - 1)[None].float()}
+    region = torch.zeros(1, H, W, dtype=torch.bool)
+    region[:, 8:24, 6:26] = True
+    out = tps(t, t, region, np.random.default_rng(4), ManipulateConfig(tps_shift=0.12))
+    for k in t:
+        assert torch.equal(out[k][~region], t[k][~region])
+        assert (out[k][region] - t[k][region]).abs().max() > 0.05
+        assert out[k].min() >= t[k].min() - 1e-5 and out[k].max() <= t[k].max() + 1e-5  # moved, not invented
+
+
+@pytest.mark.parametrize("mode", ["depth", "color"])
+def test_object_aware_regions_fall_inside_the_foreground(mode):
+    cfg = ManipulateConfig(object_aware=1.0, foreground=mode, area=(0.02, 0.08), regions=(1, 3))
+    for seed in range(6):
+        t, r = scene(seed, depth=mode == "depth"), scene(seed + 10, depth=mode == "depth")
+        fg = foreground(t, mode)
+        assert fg is not None and 0.1 < fg.mean() < 0.6
+        region, _ = sample_region(t, r, np.random.default_rng(seed), cfg)
+        assert region.any() and not (region & ~fg).any()
+
+
+def test_foreground_is_none_for_a_texture_without_an_object():
+    rng = np.random.default_rng(0)
+    texture = {"image": torch.tensor(rng.uniform(-1, 1, (3, H, W)), dtype=torch.float32),
+               "depth": torch.zeros(1, H, W)}
+    assert foreground(texture, "auto", 0.1) is None  # regions are then drawn anywhere
+
+
+@pytest.mark.parametrize("shape", ["blob", "ellipse", "rectangle", "polygon"])
+def test_region_area_stays_within_the_configured_bounds(shape):
+    cfg = ManipulateConfig(shapes={shape: 1.0}, area=(0.02, 0.05), aspect=(0.2, 5.0))
+    for seed in range(8):
+        m = draw_region(64, 64, np.random.default_rng(seed), cfg)
+        assert 0.02 * 64 * 64 - 1 <= m.sum() <= 0.05 * 64 * 64 + 1
+
+
+def test_region_is_the_union_of_the_target_and_the_moved_reference_regions():
+    import cv2
+
+    cfg = ManipulateConfig(object_aware=0.0, reference_scale=(1.2, 1.2), reference_shift=0.1)
+    t, r = scene(0), scene(1)
+    added = 0
+    for seed in range(5):
+        region, affine = sample_region(t, r, np.random.default_rng(seed), cfg)
+        rng = np.random.default_rng(seed)  # replay the draws: coin, target regions, affine, reference regions
+        rng.random()
+        own = draw_regions(H, W, rng, cfg)
+        again = reference_affine(H, W, rng, cfg)
+        ref = draw_regions(H, W, rng, cfg)
+        moved = cv2.warpAffine(ref.astype(np.uint8), again, (W, H), flags=cv2.INTER_NEAREST).astype(bool)
+        np.testing.assert_array_equal(affine, again)
+        assert abs(again[0, 0]) == pytest.approx(1.2) and abs(again[1, 1]) == pytest.approx(1.2)
+        np.testing.assert_array_equal(region, own | moved)
+        added += int((moved & ~own).sum())
+    assert added > 0
+
+
+@pytest.mark.parametrize("name", sorted(MANIPULATIONS))
+def test_local_anomaly_is_seeded_and_touches_only_its_region(name):
+    t, r = scene(2), scene(3)
+    cfg = ManipulateConfig(area=(0.05, 0.1))
+    a, region = local_anomaly(t, r, name, np.random.default_rng(11), cfg)
+    b, region_b = local_anomaly(t, r, name, np.random.default_rng(11), cfg)
+    assert torch.equal(region, region_b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert region.dtype == torch.bool and region.shape == (1, H, W) and region.any()
+    assert set(a) == {"edge", "depth"}
+    for k in a:
+        assert torch.equal(a[k][~region], t[k][~region])
+    assert any(not torch.equal(a[k][region], t[k][region]) for k in a)
+
+
+def test_unknown_manipulation_names_it_and_lists_the_valid_ones():
+    t = scene(0)
+    with pytest.raises(ValueError, match=r"'smash'.*merge, remove, replace, tps"):
+        local_anomaly(t, t, "smash", np.random.default_rng(0), ManipulateConfig())
+    with pytest.raises(ValueError, match=r"'crack'.*merge, remove, replace, tps"):
+        ManipulateConfig.from_dict({"manipulations": ["merge", "crack"]})
+    with pytest.raises(ValueError, match="unknown manipulate config key"):
+        ManipulateConfig.from_dict({"areas": [0.1, 0.2]})

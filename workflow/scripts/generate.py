@@ -1,0 +1,16 @@
+"""Snakemake adapter: global hybrids, local anomalies and normal images into results/generated/."""
+
+from pathlib import Path
+
+from hybrid.data.manifest import read_manifest
+from hybrid.generate import GenerateConfig, generate
+from hybrid.log import setup_logging
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+generate(
+    snakemake.input.checkpoint,  # noqa: F821
+    snakemake.input.index,  # noqa: F821
+    read_manifest(snakemake.input.manifest),  # noqa: F821
+    Path(snakemake.output.manifest).parent,  # noqa: F821
+    GenerateConfig.from_dict(snakemake.params.generate),  # noqa: F821
+)
