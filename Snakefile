@@ -8,10 +8,14 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
+include: "rules/train.smk"
+include: "rules/generate.smk"
 
 
 rule all:
     input:
         "results/manifest.parquet",
         "results/shards/index.parquet",
+        "results/train/checkpoint",
+        "results/generated/manifest.parquet",
     default_target: True

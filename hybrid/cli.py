@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--skipped", default=None)
     i.set_defaults(func=_ingest)
 
-    from hybrid.models.store import add_cli as add_models_cli
+    from hybrid.generate import add_cli as add_generate_cli
     from hybrid.metrics.challenge import add_cli as add_score_cli
+    from hybrid.models.store import add_cli as add_models_cli
 
     add_models_cli(sub)
+    add_generate_cli(sub)
     add_score_cli(sub)
     return p
 

@@ -1,0 +1,73 @@
+"""The train stage: pick the normal training images from the shards and train, resumably.
+
+Periodic checkpoints go to ``work_root/<key>/``, where the key hashes everything that decides the
+run (model, train and augment settings, the shards' fingerprints, the selected samples). A job
+killed at a time limit resumes from its folder; a changed hyper-parameter starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from hybrid.data.manifest import matches, read_manifest
+from hybrid.data.shards import ShardDataset, read_attrs
+from hybrid.models.generator import DEFAULT_CONDITIONS
+from hybrid.train import train
+
+log = logging.getLogger(__name__)
+DEFAULT_SELECT = {"split": "train", "label": 0}  # learn from normal training images alone
+
+
+def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
+                    samples: str | Path, work_root: str | Path, model_cfg: dict, train_cfg: dict,
+                    augment_cfg: dict, select: dict | None = None, weights: dict | None = None,
+                    threads: int = 1, init_from: str | Path | None = None) -> Path:
+    torch.set_num_threads(max(1, threads))
+    index, work_root = Path(index), Path(work_root)
+    select = DEFAULT_SELECT if select is None else select
+    train_cfg = dict(train_cfg)
+    if train_cfg.get("perceptual", "vgg19") == "vgg19" and not train_cfg.get("vgg_path") and weights:
+        train_cfg["vgg_path"] = weights.get("vgg19")
+
+    rows = read_manifest(manifest)
+    chosen = set(rows.loc[matches(rows, select, "train.select"), "sample_id"])
+    idx = pd.read_parquet(index)
+    idx = idx[idx["sample_id"].isin(chosen)].reset_index(drop=True)
+    if idx.empty:
+        raise ValueError(f"train.select {select} matches no preprocessed sample in {index}; "
+                         "check the manifest's split and label columns")
+    shards = sorted(set(idx["shard"]))
+    attrs = [read_attrs(index.parent / s) for s in shards]
+    data = {k: _plain(attrs[0].get(k)) for k in ("resolution", "fit", "edge_model", "edge_weights",
+                                                  "depth_source", "depth_weights")}
+    data["select"] = select
+    data["n_samples"] = len(idx)
+
+    conditions = model_cfg.get("conditions") or DEFAULT_CONDITIONS[model_cfg.get("level", "rgb")]
+    modalities = ["image"] + [m for m in ("edge", "depth") if any(c.endswith("_" + m) for c in conditions)]
+    key = hashlib.sha256(json.dumps({
+        "model": model_cfg, "train": train_cfg, "augment": augment_cfg, "data": data,
+        "shards": [a.get("fingerprint") for a in attrs], "ids": sorted(idx["sample_id"]),
+        "init_from": str(init_from) if init_from else None,
+    }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    work_dir = work_root / key
+    log.info("train: %d samples (%s) from %d shards; work folder %s", len(idx), select, len(shards), work_dir)
+    dataset = ShardDataset(idx, fields=modalities, shard_dir=index.parent)
+    out = train(dataset, checkpoint, work_dir, model_cfg, train_cfg, augment_cfg, losses_csv=losses,
+                samples_dir=samples, init_from=init_from, data=data)
+    for other in work_root.iterdir():  # runs of earlier settings: their outputs are superseded
+        if other.is_dir() and other != work_dir:
+            shutil.rmtree(other, ignore_errors=True)
+    return out
+
+
+def _plain(v: object) -> object:
+    """HDF5 attributes come back as numpy scalars; config.json wants plain values."""
+    return v.item() if hasattr(v, "item") else v

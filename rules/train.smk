@@ -1,0 +1,33 @@
+# Train: AnomalyHybrid (RGB level) on the normal training images of the shards.
+
+
+rule train:
+    input:
+        index="results/shards/index.parquet",
+        manifest="results/manifest.parquet",
+    output:
+        checkpoint=directory("results/train/checkpoint"),
+        losses="results/train/losses.csv",
+        samples=directory("results/train/samples"),
+    params:
+        model=config["model"],
+        train={k: v for k, v in config["train"].items() if k != "select"},
+        select=config["train"].get("select", {"split": "train", "label": 0}),
+        augment=config["augment"],
+        weights=model_paths(),
+        # Periodic checkpoints live here, outside the outputs Snakemake deletes when a job fails,
+        # in a folder named by the run's settings: a killed job resumes, a changed one starts over.
+        work_root="results/train/work",
+        code=code_hash("hybrid.train_stage"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+    benchmark:
+        "results/benchmarks/train.tsv"
+    log:
+        "results/logs/train.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/train.py"
