@@ -10,6 +10,9 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/train.smk"
 include: "rules/generate.smk"
+include: "rules/evaluate.smk"
+include: "rules/classify.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -18,4 +21,7 @@ rule all:
         "results/shards/index.parquet",
         "results/train/checkpoint",
         "results/generated/manifest.parquet",
+        "results/metrics/evaluate.json",
+        list(CLASSIFY_OUTPUTS.values()),  # butterfly layouts only (empty elsewhere)
+        "results/report/index.html",
     default_target: True

@@ -112,3 +112,41 @@ def reader_options():
             "depth_dir": f"{DEMO_DIR}/depth",
         }
     return dict(config["dataset"]["options"])
+
+
+# --- classify -----------------------------------------------------------------------------
+
+
+def classify_reference():
+    """The reference CSV to score against: classify.reference_csv, else the dataset's reference
+    CSV for classify.split (the demo's ref_test.csv); None for layouts without one."""
+    section = config.get("classify") or {}
+    if section.get("reference_csv"):
+        return section["reference_csv"]
+    if config["dataset"]["layout"] not in ("demo", "heliconius"):
+        return None
+    return (reader_options().get("reference_csvs") or {}).get(section.get("split", "test"))
+
+
+CLASSIFY_OUTPUTS = (
+    {"json": "results/metrics/classify.json", "table": "results/metrics/classify.parquet"}
+    if classify_reference()
+    else {}
+)
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def report_inputs(wildcards):
+    inputs = {
+        "manifest": "results/manifest.parquet",
+        "index": "results/shards/index.parquet",
+        "ingest_skipped": "results/ingest_skipped.csv",
+        "losses": "results/train/losses.csv",
+        "generated": "results/generated/manifest.parquet",
+        "evaluate": "results/metrics/evaluate.json",
+    }
+    if CLASSIFY_OUTPUTS:
+        inputs["classify"] = CLASSIFY_OUTPUTS["json"]
+    return inputs

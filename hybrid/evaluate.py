@@ -1,0 +1,332 @@
+"""The evaluate stage: Inception Score and cluster LPIPS of the generated images (paper 003, Tables 1, 3, 5).
+
+Per category and per decoder (AHD, AHE, and both together when there are two), on the generated
+images of the configured kinds (anomalies and hybrids; generated normal images are left out by
+default). IS follows torch-fidelity (:mod:`hybrid.metrics.inception_score`); cluster LPIPS
+(:mod:`hybrid.metrics.cluster_lpips`) uses as centres ``n_centres`` real anomalies (or hybrids) of
+the category, drawn with ``seed`` from the test split of the real shards (paper: 100).
+
+Feature networks (``weights``): ``real`` loads the registered files through the model store and
+fails with its message when one is missing; ``random`` uses seeded random-weight stand-ins for
+Inception and the LPIPS backbone (the LPIPS linear layers stay real when their file is present,
+else random positive); ``auto`` takes the real file where the store finds it and a stand-in, with a
+warning, where it does not. Every row records which weights produced each number. Nothing is
+dropped silently: a (category, decoder) that cannot be scored gets a row with NaN and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from hybrid.data.manifest import read_manifest
+from hybrid.data.shards import ShardDataset
+from hybrid.io import write_json_atomic, write_parquet_atomic
+from hybrid.metrics.cluster_lpips import cluster_lpips
+from hybrid.metrics.inception_score import inception_logits, inception_score
+from hybrid.metrics.lpips import LPIPS, NETS, load_lpips
+from hybrid.models import store
+from hybrid.models.inception import InceptionV3Compat, load_inception
+
+log = logging.getLogger(__name__)
+
+STAND_IN = "random stand-in (numbers not comparable to papers)"
+MIN_CENTRES = 2  # fewer real anomalies than this: no cluster LPIPS for the category
+DECODERS = ("AHD", "AHE")
+MEAN = "(mean)"  # the category name of the rows that average over categories
+COLUMNS = ["category", "decoder", "n_images", "is_mean", "is_std", "is_splits", "lpips", "lpips_std",
+           "n_centres", "n_clusters_used", "is_weights", "lpips_weights", "note"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` config section (plus ``paths``: store name -> explicit weights file)."""
+
+    weights: str = "auto"  # auto | real | random
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    batch_size: int = 16
+    kinds: tuple[str, ...] = ("global", "local")  # generated kinds scored
+    is_splits: int = 10
+    is_seed: int = 2020
+    lpips_net: str = "vgg"  # vgg | alex | squeeze
+    lpips_cap: int = 50
+    lpips_min_size: int = 2
+    n_centres: int = 100
+    seed: int = 0
+    cache_gib: float = 4.0
+    paths: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("auto", "real", "random"):
+            raise ValueError(f"evaluate.weights {self.weights!r}: use auto, real or random")
+        if self.lpips_net not in NETS:
+            raise ValueError(f"evaluate.lpips_net {self.lpips_net!r}: use one of {sorted(NETS)}")
+        if self.n_centres < MIN_CENTRES or self.is_splits < 1 or self.batch_size < 1:
+            raise ValueError(f"evaluate: n_centres ({self.n_centres}) must be >= {MIN_CENTRES}, "
+                             f"is_splits ({self.is_splits}) and batch_size ({self.batch_size}) >= 1")
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> EvaluateConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"evaluate: unknown keys {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        if "kinds" in d:
+            d["kinds"] = tuple(d["kinds"])
+        d["paths"] = dict(d.get("paths") or {})
+        return cls(**d)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU; set device: cpu or auto")
+    return name
+
+
+# ----------------------------------------------------------------------------- feature networks
+
+
+def _present(name: str, paths: Mapping[str, str]) -> Path | None:
+    """The file of a registered weight if it is already here (never downloads)."""
+    if paths.get(name):
+        p = Path(paths[name]).expanduser()
+        return p if p.exists() else None
+    spec = store.get_spec(name)
+    return next((root / spec.relpath for _, root in store.search_roots() if (root / spec.relpath).is_file()), None)
+
+
+def resolve_weights(name: str, mode: str, paths: Mapping[str, str]) -> Path | None:
+    """The real file of ``name`` (``real``/``auto``), or None for a random stand-in.
+
+    ``real`` raises the store's MissingWeightsError; ``auto`` falls back to None with a warning.
+    """
+    if mode == "random":
+        return None
+    try:
+        return store.locate(name, paths.get(name))
+    except store.MissingWeightsError as e:
+        if mode == "real":
+            raise
+        log.warning("%s: weights not found, using a RANDOM STAND-IN; its numbers are not comparable to "
+                    "papers (set weights: real to fail instead). %s", name, e)
+        return None
+
+
+@torch.no_grad()
+def seeded_init(model: nn.Module, seed: int, gain: float = 2.0) -> nn.Module:
+    """Deterministic He-normal convolutions and linear layers, zero biases (BatchNorm stays identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(gain / m.weight[0].numel()))
+            if m.bias is not None:
+                m.bias.zero_()
+    return model
+
+
+def random_inception(seed: int = 0) -> InceptionV3Compat:
+    """Inception-v3-compat with seeded random weights; the last layer is scaled x10 so that the
+    softmax over 1008 classes is not flat (else every IS would read 1.000)."""
+    model = seeded_init(InceptionV3Compat(), seed)
+    with torch.no_grad():
+        model.fc.weight.mul_(10.0)
+    return model.eval()
+
+
+def inception_network(cfg: EvaluateConfig) -> tuple[nn.Module, str]:
+    """The IS network and the label of its weights."""
+    path = resolve_weights("inception_is", cfg.weights, cfg.paths)
+    if path is None:
+        return random_inception(cfg.seed), STAND_IN
+    return load_inception(path), f"real: {path.name}"
+
+
+def lpips_network(cfg: EvaluateConfig) -> tuple[LPIPS, str]:
+    """LPIPS with real or stand-in backbone; real linear layers wherever their file is present."""
+    spec = NETS[cfg.lpips_net]
+    backbone = resolve_weights(spec["backbone"], cfg.weights, cfg.paths)
+    linear = (resolve_weights(spec["linear"], cfg.weights, cfg.paths) if cfg.weights != "random"
+              else _present(spec["linear"], cfg.paths))
+    if backbone is not None and linear is not None:
+        model = load_lpips(cfg.lpips_net, backbone, linear)
+        return model, f"real: {backbone.name} + {spec['linear']} ({linear.name})"
+    model = LPIPS(cfg.lpips_net)
+    if backbone is None:
+        seeded_init(model.features_net, cfg.seed)
+    else:
+        model.load_backbone(torch.load(backbone, map_location="cpu", weights_only=True))
+    if linear is None:
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.no_grad():
+            for w in model.lins.weights():
+                w.copy_(torch.rand(w.shape, generator=g) * 0.1)  # LPIPS needs non-negative weights
+    else:
+        model.load_linear(torch.load(linear, map_location="cpu", weights_only=True))
+    parts = [f"backbone {'real: ' + backbone.name if backbone else 'random'}",
+             f"linear {'real: ' + linear.name if linear else 'random positive'}"]
+    return model.eval(), f"{STAND_IN}: {', '.join(parts)}"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_images(rows: pd.DataFrame, shard_dir: str | Path) -> np.ndarray:
+    """uint8 (N,H,W,3) images of index rows (sample_id, shard, index) from the shards in ``shard_dir``."""
+    if rows.empty:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    ds = ShardDataset(rows[["sample_id", "shard", "index"]], fields=("image",), shard_dir=shard_dir, raw=True)
+    try:
+        return np.stack([ds[i]["image"] for i in range(len(ds))])
+    finally:
+        ds.close()
+
+
+def sample_centres(manifest: pd.DataFrame, index: pd.DataFrame, category: str, n: int,
+                   seed: int) -> tuple[pd.DataFrame, str]:
+    """Up to ``n`` real test anomalies of ``category`` that are in the shards (seeded), and a note."""
+    real = manifest[(manifest["category"] == category) & (manifest["split"] == "test") & (manifest["label"] == 1)]
+    rows = index[index["sample_id"].isin(real["sample_id"])].sort_values("sample_id").reset_index(drop=True)
+    note = ""
+    if len(rows) < len(real):
+        note = f"{len(real) - len(rows)} real test anomalies of {category} are not in the shards (see preprocess skips)"
+    if len(rows) > n:
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+        rows = rows.iloc[pick].reset_index(drop=True)
+    return rows, note
+
+
+def _fit(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 (N,H,W,3) images to ``size`` (H, W) when they differ (area / bilinear)."""
+    if images.shape[1:3] == size:
+        return images
+    interp = cv2.INTER_AREA if images.shape[1] > size[0] else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(im, (size[1], size[0]), interpolation=interp) for im in images])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _nan_to_none(obj: object) -> object:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _score(logits: np.ndarray, images: np.ndarray, centres: np.ndarray | None, metric: LPIPS,
+           cfg: EvaluateConfig, device: str) -> dict:
+    """IS (from Inception logits) and cluster LPIPS of one set of generated images (no LPIPS
+    when ``centres`` is None)."""
+    splits = min(cfg.is_splits, len(logits))
+    is_mean, is_std = inception_score(logits, splits=splits, seed=cfg.is_seed)
+    out = {"n_images": len(logits), "is_mean": is_mean, "is_std": is_std, "is_splits": splits}
+    if centres is not None:
+        c = cluster_lpips(images, _fit(centres, images.shape[1:3]), metric, cap=cfg.lpips_cap,
+                          min_size=cfg.lpips_min_size, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                          cache_bytes=int(cfg.cache_gib * 2**30))
+        used = [v for v in c["per_cluster"] if not math.isnan(v)]
+        out.update(lpips=c["score"], lpips_std=float(np.std(used)) if used else math.nan,
+                   n_centres=len(centres), n_clusters_used=c["n_clusters_used"])
+    return out
+
+
+def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path,
+             manifest: str | Path | pd.DataFrame, shard_index: str | Path, out_dir: str | Path,
+             cfg: EvaluateConfig | Mapping | None = None) -> dict:
+    """Score the generated images; write ``out_dir/evaluate.json`` and ``out_dir/evaluate.parquet``.
+
+    Returns the JSON content: ``rows`` (one per category and decoder, plus ``(mean)`` rows over
+    categories), ``weights`` (per metric), ``centres`` (per category: the real sample ids used),
+    ``skipped`` (what was not scored, and why) and ``config``.
+    """
+    cfg = cfg if isinstance(cfg, EvaluateConfig) else EvaluateConfig.from_dict(cfg)
+    gen = generated_manifest if isinstance(generated_manifest, pd.DataFrame) else pd.read_parquet(generated_manifest)
+    real = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    index = pd.read_parquet(shard_index)
+    shard_dir = Path(shard_index).parent
+    device = resolve_device(cfg.device)
+    left_out = gen[~gen["kind"].isin(cfg.kinds)]
+    gen = gen[gen["kind"].isin(cfg.kinds)]
+    if gen.empty:
+        raise ValueError(f"no generated images of kinds {list(cfg.kinds)} in the generated manifest "
+                         f"(it has kinds {sorted(left_out['kind'].unique())}); set evaluate.kinds")
+    log.info("evaluate: %d generated images (%s); %d of kinds %s left out", len(gen),
+             ", ".join(f"{k} {n}" for k, n in gen["kind"].value_counts().sort_index().items()), len(left_out),
+             sorted(left_out["kind"].unique()))
+
+    inception, is_weights = inception_network(cfg)
+    metric, lpips_weights = lpips_network(cfg)
+    log.info("Inception Score weights: %s; LPIPS (%s) weights: %s", is_weights, cfg.lpips_net, lpips_weights)
+
+    rows, skipped, centres_used = [], [], {}
+    for category in sorted(gen["category"].astype(str).unique()):
+        g = gen[gen["category"] == category].reset_index(drop=True)
+        images = read_images(g, generated_dir)
+        logits = inception_logits(images, inception, batch_size=cfg.batch_size, device=device)
+        centre_rows, note = sample_centres(real, index, category, cfg.n_centres, cfg.seed)
+        centres = None
+        if len(centre_rows) < MIN_CENTRES:
+            why = (f"{len(centre_rows)} real test anomalies of category {category!r} in the shards; cluster LPIPS "
+                   f"needs at least {MIN_CENTRES} as centres")
+            skipped.append({"category": category, "decoder": "all", "metric": "lpips", "reason": why})
+            log.warning("evaluate: no cluster LPIPS for %s: %s", category, why)
+            note = "; ".join(filter(None, [note, f"LPIPS skipped: {why}"]))
+        else:
+            centres = read_images(centre_rows, shard_dir)
+        centres_used[category] = centre_rows["sample_id"].astype(str).tolist()
+        found = set(g["decoder"].astype(str))
+        present = [d for d in DECODERS if d in found] + sorted(found - set(DECODERS))
+        for decoder in present + (["both"] if len(present) > 1 else []):
+            sel = np.ones(len(g), bool) if decoder == "both" else (g["decoder"] == decoder).to_numpy()
+            log.info("evaluate: %s / %s: %d images, %s centres", category, decoder, int(sel.sum()),
+                     len(centre_rows) if centres is not None else "no")
+            r = _score(logits[sel], images[sel], centres, metric, cfg, device)
+            row_note = note
+            if centres is not None and math.isnan(r["lpips"]):
+                why = f"no cluster reached lpips_min_size={cfg.lpips_min_size} members"
+                skipped.append({"category": category, "decoder": decoder, "metric": "lpips", "reason": why})
+                row_note = "; ".join(filter(None, [note, why]))
+            rows.append({"category": category, "decoder": decoder, **r, "is_weights": is_weights,
+                         "lpips_weights": lpips_weights, "note": row_note})
+    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    means = []
+    for decoder, part in table.groupby("decoder", sort=False):
+        means.append({"category": MEAN, "decoder": decoder, "n_images": int(part["n_images"].sum()),
+                      "is_mean": part["is_mean"].mean(), "is_std": math.nan, "lpips": part["lpips"].mean(),
+                      "lpips_std": math.nan, "is_weights": is_weights, "lpips_weights": lpips_weights,
+                      "note": f"mean over {len(part)} categories (LPIPS over {int(part['lpips'].notna().sum())})"})
+    table = pd.concat([table, pd.DataFrame(means)], ignore_index=True).reindex(columns=COLUMNS)
+    for c in ("n_images", "is_splits", "n_centres", "n_clusters_used"):
+        table[c] = table[c].astype("Int64")
+
+    result = {
+        "stage": "evaluate",
+        "weights": {"inception_score": is_weights, "lpips": lpips_weights},
+        "lpips_net": cfg.lpips_net,
+        "kinds": list(cfg.kinds),
+        "kinds_left_out": {str(k): int(n) for k, n in left_out["kind"].value_counts().items()},
+        "rows": [{k: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+                 for r in table.to_dict("records")],
+        "centres": centres_used,
+        "skipped": skipped,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    }
+    out_dir = Path(out_dir)
+    write_parquet_atomic(table, out_dir / "evaluate.parquet")
+    write_json_atomic(out_dir / "evaluate.json", _nan_to_none(result))
+    log.info("evaluate: wrote %s (%d rows, %d skipped)", out_dir / "evaluate.json", len(table), len(skipped))
+    return result

@@ -1,0 +1,34 @@
+# Classify: DINOv2 features, linear and SGD heads trained with and without generated hybrids,
+# scored with the HDR butterfly challenge rule (paper 003, Table 6). Butterfly layouts only: the
+# rule exists only where a reference CSV is known, and CLASSIFY_OUTPUTS is empty elsewhere.
+
+
+if CLASSIFY_OUTPUTS:
+
+    rule classify:
+        input:
+            manifest="results/manifest.parquet",
+            index="results/shards/index.parquet",
+            generated="results/generated/manifest.parquet",
+            reference=classify_reference(),
+        output:
+            json=CLASSIFY_OUTPUTS["json"],
+            table=CLASSIFY_OUTPUTS["table"],
+            predictions=directory("results/metrics/predictions"),
+        params:
+            # reference_csv reaches the rule as an input; the rest is the stage's own section.
+            classify={k: v for k, v in config["classify"].items() if k != "reference_csv"},
+            weights=model_paths(),
+            code=code_hash("hybrid.classify_stage"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=120,
+        benchmark:
+            "results/benchmarks/classify.tsv"
+        log:
+            "results/logs/classify.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/classify.py"

@@ -1,0 +1,27 @@
+# Evaluate: Inception Score and cluster LPIPS of the generated images, per category and decoder.
+
+
+rule evaluate:
+    input:
+        generated="results/generated/manifest.parquet",
+        index="results/shards/index.parquet",
+        manifest="results/manifest.parquet",
+    output:
+        json="results/metrics/evaluate.json",
+        table="results/metrics/evaluate.parquet",
+    params:
+        evaluate=config["evaluate"],
+        weights=model_paths(),
+        code=code_hash("hybrid.evaluate"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    benchmark:
+        "results/benchmarks/evaluate.tsv"
+    log:
+        "results/logs/evaluate.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/evaluate.py"

@@ -1,0 +1,20 @@
+# Report: one self-contained HTML page from the result files (no metric is recomputed here).
+
+
+rule report:
+    input:
+        unpack(report_inputs),
+    output:
+        html="results/report/index.html",
+    params:
+        config=config,
+        code=code_hash("hybrid.report"),
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    log:
+        "results/logs/report.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/report.py"

@@ -1,0 +1,18 @@
+"""Snakemake adapter: DINOv2 hybrid classification with and without generated hybrids."""
+
+from pathlib import Path
+
+from hybrid.classify_stage import ClassifyStageConfig, run_classify_stage
+from hybrid.log import setup_logging
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+cfg = ClassifyStageConfig.from_dict({**snakemake.params.classify, "paths": snakemake.params.weights})  # noqa: F821
+run_classify_stage(
+    snakemake.input.manifest,  # noqa: F821
+    snakemake.input.index,  # noqa: F821
+    snakemake.input.generated,  # noqa: F821
+    Path(snakemake.input.generated).parent,  # noqa: F821
+    snakemake.input.reference,  # noqa: F821
+    Path(snakemake.output.json).parent,  # noqa: F821
+    cfg,
+)

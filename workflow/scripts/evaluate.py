@@ -1,0 +1,17 @@
+"""Snakemake adapter: Inception Score and cluster LPIPS of results/generated into results/metrics/."""
+
+from pathlib import Path
+
+from hybrid.evaluate import EvaluateConfig, evaluate
+from hybrid.log import setup_logging
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+cfg = EvaluateConfig.from_dict({**snakemake.params.evaluate, "paths": snakemake.params.weights})  # noqa: F821
+evaluate(
+    snakemake.input.generated,  # noqa: F821
+    Path(snakemake.input.generated).parent,  # noqa: F821
+    snakemake.input.manifest,  # noqa: F821
+    snakemake.input.index,  # noqa: F821
+    Path(snakemake.output.json).parent,  # noqa: F821
+    cfg,
+)

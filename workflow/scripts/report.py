@@ -1,0 +1,18 @@
+"""Snakemake adapter: write results/report/index.html from the run's result files."""
+
+from hybrid.log import setup_logging
+from hybrid.report import build_report
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+inputs = snakemake.input  # noqa: F821
+build_report(
+    snakemake.output.html,  # noqa: F821
+    config=snakemake.params.config,  # noqa: F821
+    manifest=inputs.manifest,
+    shard_index=inputs.index,
+    ingest_skipped=inputs.ingest_skipped,
+    losses_csv=inputs.losses,
+    generated_manifest=inputs.generated,
+    evaluate_json=inputs.evaluate,
+    classify_json=inputs.get("classify"),
+)
