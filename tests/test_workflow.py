@@ -1,7 +1,8 @@
-"""The workflow end to end on a tiny demo: ingest and preprocess for real, then what reruns."""
+"""The workflow end to end on a tiny demo (every stage for real), then what reruns after an edit."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import h5py
@@ -17,7 +18,7 @@ from tests.workflow_helpers import REPO, SNAKEMAKE, scheduled, snakemake, write_
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
     write_config(work)
-    snakemake(work, "--cores", "2", "results/shards/index.parquet")
+    snakemake(work, "--cores", "2")
     return work
 
 
@@ -54,14 +55,52 @@ def test_nothing_reruns_on_an_unchanged_tree(demo_run):
     assert scheduled(demo_run) == {}
 
 
+AFTER_TRAIN = {"generate", "evaluate", "classify", "report", "all"}
+
+
+def test_every_stage_wrote_its_outputs(demo_run):
+    r = demo_run / "results"
+    for path in ("train/checkpoint/config.json", "train/checkpoint/model.safetensors", "train/checkpoint/state.pt",
+                 "train/losses.csv", "generated/manifest.parquet", "metrics/evaluate.json",
+                 "metrics/classify.json", "report/index.html"):
+        assert (r / path).exists(), path
+    assert list((r / "train/samples").glob("*.png")) and list((r / "generated/sheets").glob("*.png"))
+    generated = pd.read_parquet(r / "generated/manifest.parquet")
+    assert set(generated["decoder"]) == {"AHD", "AHE"} and set(generated["kind"]) == {"global", "local", "normal"}
+    assert sorted((r / "metrics/predictions").glob("*.txt"))
+
+
 def test_preprocess_param_reruns_preprocess_and_descendants_only(demo_run):
     jobs = scheduled(demo_run, "--config", "preprocess={resolution: 24}")
-    assert set(jobs) == {"preprocess", "all"}
+    assert set(jobs) == {"preprocess", "train"} | AFTER_TRAIN
 
 
 def test_ingest_param_reruns_from_ingest(demo_run):
     jobs = scheduled(demo_run, "--config", "ingest={missing: skip}")
-    assert set(jobs) == {"ingest", "preprocess", "all"}
+    assert set(jobs) == {"ingest", "preprocess", "train"} | AFTER_TRAIN
+
+
+def test_train_hyper_parameter_reruns_train_onward_not_ingest_or_preprocess(demo_run):
+    assert set(scheduled(demo_run, "--config", "train={lr: 0.001}")) == {"train"} | AFTER_TRAIN
+
+
+def test_generation_count_reruns_generation_onward_only(demo_run):
+    assert set(scheduled(demo_run, "--config", "generate={local: {count: 3}}")) == AFTER_TRAIN
+
+
+def test_generator_code_change_reruns_train_onward(demo_run, tmp_path):
+    """A copy of the workflow whose hybrid/models/generator.py differs: train and what follows."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    for name in ("Snakefile", "rules", "workflow", "config", "hybrid"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, copy / name)
+    with open(copy / "hybrid/models/generator.py", "a") as f:
+        f.write("\n# an edit\n")
+    out = subprocess.run([*SNAKEMAKE, "-s", str(copy / "Snakefile"), "--directory", str(demo_run), "--configfile",
+                          str(demo_run / "config.yaml"), "-n", "--quiet", "rules"], capture_output=True, text=True)
+    table = (out.stdout + out.stderr).split("job", 1)[1].split("total", 1)[0]
+    assert set(re.findall(r"^(\w+)\s+\d+\s*$", table, re.M)) == {"train"} | AFTER_TRAIN
 
 
 def test_unknown_key_and_wrong_type_fail_before_any_job(demo_run):

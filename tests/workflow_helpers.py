@@ -13,12 +13,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# The demo at test size: a few dozen images, 32 px, no network models.
+# The demo at test size: a few dozen images, 32 px, a tiny generator, random-weight stand-ins for
+# the feature networks (real weights are not on CI machines), every stage real.
 TINY = {
     "demo": {"seed": 1, "width": 96, "height": 64, "train_per_subspecies": 2, "test_per_subspecies": 1,
              "train_hybrids_per_type": 3, "test_hybrids_per_type": 1, "jpeg_quality": 90},
     "preprocess": {"resolution": 32, "edge_model": "canny", "depth_source": "dataset", "workers": 0,
                    "batch_size": 8, "shard_size": 16, "device": "cpu"},
+    "model": {"ngf": 4, "n_downsample": 2, "n_blocks": 1},
+    "train": {"epochs": 1, "epochs_decay": 1, "batch_size": 4, "ndf": 4, "checkpoint_every": 5,
+              "sample_every": 5, "log_every": 5, "device": "cpu"},
+    "generate": {"global": {"count": 2}, "local": {"count": 2}, "normal": {"count": 2}, "device": "cpu"},
+    "evaluate": {"weights": "random", "device": "cpu", "n_centres": 4, "batch_size": 8},
+    "classify": {"weights": "random", "device": "cpu", "linear_epochs": 5, "batch_size": 8},
 }
 
 
@@ -26,14 +33,18 @@ def write_config(workdir: Path, overrides: dict | None = None) -> Path:
     """The repository's config/config.yaml with ``TINY`` and ``overrides`` merged in."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     for extra in (TINY, overrides or {}):
-        for section, values in extra.items():
-            if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-                cfg[section].update(values)
-            else:
-                cfg[section] = values
+        _merge(cfg, extra)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
