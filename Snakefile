@@ -13,6 +13,7 @@ include: "rules/generate.smk"
 include: "rules/evaluate.smk"
 include: "rules/classify.smk"
 include: "rules/report.smk"
+include: "rules/models.smk"
 
 
 rule all:
@@ -20,6 +21,7 @@ rule all:
         "results/manifest.parquet",
         "results/shards/index.parquet",
         "results/train/checkpoint",
+        "results/train_depth/checkpoint" if config["train_depth"]["enabled"] else [],
         "results/generated/manifest.parquet",
         "results/metrics/evaluate.json",
         list(CLASSIFY_OUTPUTS.values()),  # butterfly layouts only (empty elsewhere)

@@ -150,3 +150,27 @@ def report_inputs(wildcards):
     if CLASSIFY_OUTPUTS:
         inputs["classify"] = CLASSIFY_OUTPUTS["json"]
     return inputs
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def needed_weights():
+    """Model-store names the configured stages will load (for the fetch_models rule)."""
+    names = []
+    pre = config["preprocess"]
+    if pre["edge_model"].startswith("pidinet"):
+        names.append(pre["edge_model"])
+    if pre["depth_source"].startswith("depth_anything"):
+        names.append(pre["depth_source"])
+    if config["train"].get("perceptual", "vgg19") == "vgg19":
+        names.append("vgg19")
+    ev = config["evaluate"]
+    if ev.get("weights", "auto") != "random":
+        net = ev.get("lpips_net", "vgg")
+        names += ["inception_is", {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}[net], f"lpips_{net}"]
+    cl = config["classify"]
+    if CLASSIFY_OUTPUTS and cl.get("weights", "auto") != "random" and cl.get("model", "dinov2_base").startswith("dinov2_"):
+        names.append(cl.get("model", "dinov2_base"))
+    names += config["models"].get("fetch") or []
+    return sorted(set(names))

@@ -31,3 +31,39 @@ rule train:
         "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/train.py"
+
+
+# AnomalyHybrid* (paper 003, Sec. 3.1): the depth-level generator, started from the RGB-level
+# weights, learns the depth and edge maps of a target image. Optional: train_depth.enabled.
+
+
+rule train_depth:
+    input:
+        index="results/shards/index.parquet",
+        manifest="results/manifest.parquet",
+        init="results/train/checkpoint",
+    output:
+        checkpoint=directory("results/train_depth/checkpoint"),
+        losses="results/train_depth/losses.csv",
+        samples=directory("results/train_depth/samples"),
+    params:
+        model={**config["model"], "level": "depth", "conditions": None},
+        train={**{k: v for k, v in config["train"].items() if k != "select"},
+               **{k: v for k, v in config["train_depth"].items() if k != "enabled"}},
+        select=config["train"].get("select", {"split": "train", "label": 0}),
+        augment=config["augment"],
+        weights=model_paths(),
+        work_root="results/train_depth/work",
+        code=code_hash("hybrid.train_stage"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=12 * 60,
+    benchmark:
+        "results/benchmarks/train_depth.tsv"
+    log:
+        "results/logs/train_depth.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/train.py"

@@ -20,7 +20,7 @@ from tests.workflow_helpers import REPO, snakemake, write_config
 _reason = slurm_unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
 
-RULES = {"demo_data", "ingest", "preprocess"}
+RULES = {"demo_data", "ingest", "preprocess", "train", "generate", "evaluate", "classify", "report"}
 PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 
 
@@ -121,3 +121,4 @@ def test_demo_workflow_runs_through_the_slurm_profile(cluster, tmp_path, monkeyp
     index = pd.read_parquet(workdir / "results" / "shards" / "index.parquet")
     assert len(manifest) > 0 and set(index["sample_id"]) == set(manifest["sample_id"])
     assert list((workdir / "results" / "shards").glob("shard-*.h5"))
+    assert (workdir / "results" / "report" / "index.html").exists()

@@ -93,8 +93,10 @@ def test_generator_code_change_reruns_train_onward(demo_run, tmp_path):
     import shutil
 
     copy = tmp_path / "repo"
+    copy.mkdir()
     for name in ("Snakefile", "rules", "workflow", "config", "hybrid"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, copy / name)
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(
+            REPO / name, copy / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (REPO / name).is_dir() else {}))
     with open(copy / "hybrid/models/generator.py", "a") as f:
         f.write("\n# an edit\n")
     out = subprocess.run([*SNAKEMAKE, "-s", str(copy / "Snakefile"), "--directory", str(demo_run), "--configfile",
@@ -133,3 +135,35 @@ def test_preprocess_rule_with_pidinet_and_depth_anything(tmp_path):
         edge, d = f["edge"][:], f["depth"][:]
     assert edge.shape[1:] == (32, 32) and edge.std() > 0
     assert d.dtype == np.uint16 and (d.reshape(len(d), -1).max(1) == 65535).all()
+
+
+def test_depth_level_generator_trains_from_the_rgb_weights(demo_run):
+    jobs = scheduled(demo_run, "--config", "train_depth={enabled: true}")
+    assert set(jobs) == {"train_depth", "all"}  # nothing else is stale
+    snakemake(demo_run, "--cores", "2", "--config", "train_depth={enabled: true, epochs: 1, epochs_decay: 0}",
+              "results/train_depth/checkpoint")
+    import json
+
+    cfg = json.loads((demo_run / "results/train_depth/checkpoint/config.json").read_text())
+    assert cfg["model"]["level"] == "depth"
+    assert cfg["model"]["conditions"] == ["target_image", "reference_depth", "reference_edge"]
+    assert "initialised from" in (demo_run / "results/logs/train_depth.log").read_text()
+
+
+def test_fetch_models_rule_collects_what_the_stages_need(demo_run, tmp_path, monkeypatch):
+    import json
+
+    from tests.tiny_models import save_random_pidinet
+
+    ckpt = tmp_path / "pidinet.pth"
+    save_random_pidinet(ckpt)
+    monkeypatch.setenv("HYBRID_OFFLINE", "1")
+    monkeypatch.setenv("HYBRID_MODEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
+    edge = f"preprocess={{edge_model: pidinet}}"
+    snakemake(demo_run, "--cores", "1", "--config", edge, f"models={{paths: {{pidinet: {ckpt}}}}}", "fetch_models")
+    assert json.loads((demo_run / "resources/models.json").read_text()) == {"pidinet": str(ckpt)}
+    proc = snakemake(demo_run, "--cores", "1", "--forcerun", "fetch_models", "--config", edge,
+                     "train={perceptual: vgg19}", "fetch_models", check=False)
+    log = (demo_run / "results/logs/fetch_models.log").read_text()
+    assert proc.returncode != 0 and "vgg19-dcbb9e9d.pth" in log and "pidinet" in log

@@ -36,7 +36,9 @@ def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray], strings: Map
     if "image" not in arrays or "sample_id" not in strings:
         raise ValueError("a shard needs an 'image' array and 'sample_id' strings")
     n = len(strings["sample_id"])
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # Built in memory, then written with plain file I/O: a full or read-only disk is then an ordinary
+    # OSError, never a half-closed HDF5 file that the library trips over at interpreter exit.
+    with h5py.File(f"in-memory-{id(arrays)}.h5", "w", driver="core", backing_store=False) as f:
         for name, a in arrays.items():
             a = np.asarray(a)
             want = ARRAY_DTYPES.get(name, a.dtype)
@@ -49,6 +51,10 @@ def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray], strings: Map
             f.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=_STR)
         for k, v in attrs.items():
             f.attrs[k] = v
+        f.flush()
+        image = f.id.get_file_image()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(image)
 
 
 def read_attrs(path: str | Path) -> dict[str, object]:

@@ -262,6 +262,17 @@ def status() -> list[dict]:
     return rows
 
 
+def fetch_to_manifest(names: list[str], paths: dict[str, str], manifest: str | Path) -> dict[str, str]:
+    """Make ``names`` present (explicit ``paths`` win) and write {name: path} as JSON, atomically."""
+    from hybrid.io import write_json_atomic
+
+    missing = [n for n in names if n not in paths]
+    found = {n: str(p) for n, p in zip(missing, fetch(missing))} if missing else {}
+    found.update({n: str(locate(n, paths[n])) for n in names if n in paths})
+    write_json_atomic(manifest, found)
+    return found
+
+
 def format_status(rows: list[dict] | None = None) -> str:
     """A text table of ``status()`` for ``hybrid models list``."""
     rows = status() if rows is None else rows

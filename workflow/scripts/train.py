@@ -18,4 +18,5 @@ run_train_stage(
     select=p.select,
     weights=p.weights,
     threads=snakemake.threads,  # noqa: F821
+    init_from=snakemake.input.get("init"),  # noqa: F821 (train_depth: start from the RGB-level weights)
 )

@@ -1,0 +1,19 @@
+# Pretrained weights: `snakemake fetch_models` on a machine with internet (a cluster's login node)
+# downloads every weight the configured stages need into the model store's cache, so that jobs on
+# offline compute nodes find them. Not part of `all`: stages fail at once, naming the file and
+# where to put it, when a weight is missing.
+
+
+rule fetch_models:
+    output:
+        "resources/models.json",
+    params:
+        names=needed_weights(),
+        paths=model_paths(),
+    localrule: True
+    log:
+        "results/logs/fetch_models.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/fetch_models.py"
