@@ -139,9 +139,9 @@ def test_preprocess_rule_with_pidinet_and_depth_anything(tmp_path):
 
 def test_depth_level_generator_trains_from_the_rgb_weights(demo_run):
     jobs = scheduled(demo_run, "--config", "train_depth={enabled: true}")
-    assert set(jobs) == {"train_depth", "all"}  # nothing else is stale
-    snakemake(demo_run, "--cores", "2", "--config", "train_depth={enabled: true, epochs: 1, epochs_decay: 0}",
-              "results/train_depth/checkpoint")
+    assert set(jobs) == {"train_depth", "report", "all"}  # the report shows the config; nothing else is stale
+    snakemake(demo_run, "--cores", "2", "results/train_depth/checkpoint", "--config",
+              "train_depth={enabled: true, epochs: 1, epochs_decay: 0}")
     import json
 
     cfg = json.loads((demo_run / "results/train_depth/checkpoint/config.json").read_text())
@@ -161,9 +161,9 @@ def test_fetch_models_rule_collects_what_the_stages_need(demo_run, tmp_path, mon
     monkeypatch.setenv("HYBRID_MODEL_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
     edge = f"preprocess={{edge_model: pidinet}}"
-    snakemake(demo_run, "--cores", "1", "--config", edge, f"models={{paths: {{pidinet: {ckpt}}}}}", "fetch_models")
+    snakemake(demo_run, "--cores", "1", "fetch_models", "--config", edge, f"models={{paths: {{pidinet: {ckpt}}}}}")
     assert json.loads((demo_run / "resources/models.json").read_text()) == {"pidinet": str(ckpt)}
-    proc = snakemake(demo_run, "--cores", "1", "--forcerun", "fetch_models", "--config", edge,
-                     "train={perceptual: vgg19}", "fetch_models", check=False)
+    proc = snakemake(demo_run, "--cores", "1", "--forcerun=fetch_models", "fetch_models", "--config", edge,
+                     "train={perceptual: vgg19}", check=False)
     log = (demo_run / "results/logs/fetch_models.log").read_text()
     assert proc.returncode != 0 and "vgg19-dcbb9e9d.pth" in log and "pidinet" in log
