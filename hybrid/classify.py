@@ -62,22 +62,9 @@ def load_dinov2(name_or_dir: str = "dinov2_base", device: str | torch.device = "
     (``dinov2_small``/``_base``/``_large``/``_giant``). An existing directory wins."""
     from transformers import Dinov2Model
 
-    path = Path(name_or_dir)
-    if not path.is_dir():
-        from hybrid.models import store  # lazy: only needed for names
+    from hybrid.models.store import hf_model_dir  # lazy: keeps this module light to import
 
-        if not name_or_dir.startswith("dinov2_") or name_or_dir not in store.REGISTRY:
-            raise ValueError(
-                f"DINOv2 model {name_or_dir!r} is neither a directory nor a model-store name; pass a "
-                f"save_pretrained directory or one of "
-                f"{sorted(n for n in store.REGISTRY if n.startswith('dinov2_'))}"
-            )
-        path = Path(store.locate(name_or_dir))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json; it must be a Hugging Face model directory "
-            "(the files of facebook/dinov2-*, or a save_pretrained output)"
-        )
+    path = hf_model_dir(name_or_dir, "dinov2_", "facebook/dinov2-*")
     return Dinov2Model.from_pretrained(path, local_files_only=True).to(device).eval()
 
 

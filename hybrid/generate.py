@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hybrid.data.manifest import matches
-from hybrid.data.shards import ShardDataset, read_attrs, shard_name, to_unit, write_shard
+from hybrid.data.shards import ShardDataset, read_attrs, shard_is_current, shard_name, to_unit, write_shard
 from hybrid.io import atomic_path, write_parquet_atomic
 from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.generator import Generator
@@ -328,7 +328,7 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
     base = _fingerprint(checkpoint, shard_dir, index_df, cfg, device, precision)
     prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
               for c in chunks]
-    todo = [i for i in range(len(chunks)) if not _complete(out_dir / shard_name(i), prints[i])]
+    todo = [i for i in range(len(chunks)) if not shard_is_current(out_dir / shard_name(i), prints[i])]
     log.info("generate: %d pairs (%s) x %d decoders in %d shards (%d to write, %d kept) on %s, %s",
              len(jobs), ", ".join(f"{k} {sum(j.kind == k for j in jobs)}" for k in cfg.kinds), len(decoders),
              len(chunks), len(todo), len(chunks) - len(todo), device, precision)
@@ -434,14 +434,6 @@ def _fingerprint(checkpoint: str | Path, shard_dir: Path, index_df: pd.DataFrame
     h.update(pd.util.hash_pandas_object(index_df, index=False).values.tobytes())
     return h.hexdigest()
 
-
-def _complete(path: Path, fp: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        return read_attrs(path).get("fingerprint") == fp
-    except OSError:  # a damaged file from an old crash: rewrite it
-        return False
 
 
 def read_generated(shards: Sequence[Path]) -> pd.DataFrame:

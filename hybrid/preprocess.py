@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.data.images import ImageError, read_image, read_mask
-from hybrid.data.shards import build_index, shard_name, write_shard, read_attrs
+from hybrid.data.shards import build_index, shard_is_current, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.models.depth import sensor_nearness, to_uint16
 
@@ -184,7 +184,7 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
     chunks = [manifest.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in range(n_shards)]
     prints = [fingerprint(c, cfg) for c in chunks]
-    todo = [i for i in range(n_shards) if not _complete(out_dir / shard_name(i), prints[i])]
+    todo = [i for i in range(n_shards) if not shard_is_current(out_dir / shard_name(i), prints[i])]
     log.info("preprocess: %d images in %d shards (%d to write, %d kept) on %s",
              len(manifest), n_shards, len(todo), n_shards - len(todo), device)
 
@@ -235,14 +235,6 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     log.info("preprocess: wrote %d samples; %d skipped", len(index), len(skipped))
     return index
 
-
-def _complete(path: Path, fp: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        return read_attrs(path).get("fingerprint") == fp
-    except OSError:  # a damaged file from an old crash: rewrite it
-        return False
 
 
 def _previous_skips(out_dir: Path, kept: set[int]) -> list[dict]:

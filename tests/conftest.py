@@ -61,6 +61,15 @@ def recipe_state_dict(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Ten
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, above all when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def model_dir(tmp_path, monkeypatch) -> Path:
     """An empty model dir that the model store looks in first (HYBRID_MODEL_DIR), user cache off."""
     d = tmp_path / "models"

@@ -23,13 +23,7 @@ from hybrid.metrics.challenge import read_predictions
 HIDDEN = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other tests share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny_dinov2(path, seed: int = 0) -> None:

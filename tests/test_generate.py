@@ -31,12 +31,7 @@ S = 32
 TINY = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene(rng: np.random.Generator, colour: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -15,13 +15,7 @@ MODEL = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}
 AUG = {"tps_prob": 0.5, "rtp_prob": 0.5}  # real augmentations, so resume must replay their draws
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_cfg(**kw) -> dict:

@@ -62,6 +62,16 @@ def read_attrs(path: str | Path) -> dict[str, object]:
         return dict(f.attrs)
 
 
+def shard_is_current(path: str | Path, fingerprint: str) -> bool:
+    """True when ``path`` is a readable shard written with ``fingerprint`` (resume keeps it)."""
+    if not Path(path).exists():
+        return False
+    try:
+        return read_attrs(path).get("fingerprint") == fingerprint
+    except OSError:  # a damaged file from an old crash: rewrite it
+        return False
+
+
 def build_index(shard_paths: Sequence[str | Path]) -> pd.DataFrame:
     """sample_id, shard (file name), index: one row per sample, in shard order."""
     rows = []

@@ -52,22 +52,9 @@ def load_depth_anything(
     """
     from transformers import DepthAnythingForDepthEstimation
 
-    path = Path(name_or_dir)
-    if not path.is_dir():
-        from hybrid.models import store  # lazy: the store is only needed for names
+    from hybrid.models.store import hf_model_dir  # lazy: the store is only needed for names
 
-        if name_or_dir not in store.REGISTRY:
-            raise ValueError(
-                f"depth model {name_or_dir!r} is neither a directory nor a model-store name; "
-                "pass a directory written by save_pretrained or one of "
-                f"{sorted(n for n in store.REGISTRY if n.startswith('depth_anything'))}"
-            )
-        path = Path(store.locate(name_or_dir))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json; it must be a Hugging Face model directory "
-            "(the files of depth-anything/Depth-Anything-V2-*-hf, or a save_pretrained output)"
-        )
+    path = hf_model_dir(name_or_dir, "depth_anything", "depth-anything/Depth-Anything-V2-*-hf")
     model = DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True)
     if model.config.depth_estimation_type != "relative":
         raise ValueError(

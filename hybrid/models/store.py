@@ -262,6 +262,23 @@ def status() -> list[dict]:
     return rows
 
 
+def hf_model_dir(name_or_dir: str | Path, prefix: str, what: str) -> Path:
+    """A Hugging Face model directory: an existing ``save_pretrained`` folder, or a registered name
+    starting with ``prefix`` (e.g. ``dinov2_``) located through the store. ``what`` names the
+    upstream files in errors (e.g. "facebook/dinov2-*")."""
+    path = Path(name_or_dir)
+    if not path.is_dir():
+        names = sorted(n for n in REGISTRY if n.startswith(prefix))
+        if str(name_or_dir) not in names:
+            raise ValueError(f"model {str(name_or_dir)!r} is neither a directory nor a model-store name; pass a "
+                             f"save_pretrained directory or one of {names}")
+        path = Path(locate(str(name_or_dir)))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; it must be a Hugging Face model directory "
+                                f"(the files of {what}, or a save_pretrained output)")
+    return path
+
+
 def fetch_to_manifest(names: list[str], paths: dict[str, str], manifest: str | Path) -> dict[str, str]:
     """Make ``names`` present (explicit ``paths`` win) and write {name: path} as JSON, atomically."""
     from hybrid.io import write_json_atomic
