@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from hybrid.data.xyz import write_xyz as write_xyz_tiff
+
 from tests.tiny_models import save_tiny_depth_anything
 import torch
 
@@ -23,7 +25,6 @@ from hybrid.models.depth import (
     resize_output_size,
     sensor_nearness,
     to_uint16,
-    write_xyz_tiff,
 )
 
 

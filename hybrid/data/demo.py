@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from hybrid.data.xyz import read_xyz, write_xyz  # noqa: F401 (read_xyz: part of the demo API)
 from hybrid.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -553,24 +554,6 @@ def xyz_from_z(z: np.ndarray) -> np.ndarray:
     x = (xs - width / 2) * z / f
     y = (ys - height / 2) * z / f
     return np.stack([x, y, z], axis=-1).astype(np.float32)
-
-
-def write_xyz(path: str | Path, xyz: np.ndarray) -> None:
-    """Write an MVTec 3D style xyz tiff: float32, channels x, y, z in file order."""
-    params = [cv2.IMWRITE_TIFF_COMPRESSION, cv2.IMWRITE_TIFF_COMPRESSION_ADOBE_DEFLATE]
-    if hasattr(cv2, "IMWRITE_TIFF_PREDICTOR"):
-        params += [cv2.IMWRITE_TIFF_PREDICTOR, cv2.IMWRITE_TIFF_PREDICTOR_FLOATINGPOINT]
-    # cv2 stores 3-channel arrays as BGR -> RGB, so hand it z, y, x to get x, y, z on disk.
-    if not cv2.imwrite(str(path), np.ascontiguousarray(xyz[..., ::-1]), params):
-        raise OSError(f"could not write depth tiff {path}; check the folder is writable")
-
-
-def read_xyz(path: str | Path) -> np.ndarray:
-    """Read an xyz tiff written by :func:`write_xyz` (or MVTec 3D) as float32 (H, W, 3) x, y, z."""
-    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if a is None or a.ndim != 3 or a.shape[2] != 3:
-        raise OSError(f"{path} is not a 3-channel xyz tiff; expected float32 (H, W, 3)")
-    return np.ascontiguousarray(a[..., ::-1]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- dataset

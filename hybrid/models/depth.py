@@ -12,7 +12,7 @@ torchvision backend resizes in one float pass and differs only where bicubic ove
 Sensor depth (MVTec 3D-AD ``xyz/*.tiff``, the demo's height maps) is float32 (H, W, 3) x, y, z
 with z the distance from the camera. Channel order: TIFF stores the samples in x, y, z order
 (tifffile writes the array as is), and ``cv2.imread`` returns multi-sample TIFFs reversed, as
-BGR, so z is cv2's channel 0. ``write_xyz_tiff`` writes that same layout with cv2.
+BGR, so z is cv2's channel 0. ``hybrid.data.xyz.write_xyz`` writes that same layout with cv2.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from hybrid.data.images import ImageError
-from hybrid.io import atomic_path
 
 if TYPE_CHECKING:
     from transformers import DepthAnythingForDepthEstimation
@@ -203,15 +202,3 @@ def sensor_nearness(path: str | Path, out_size: tuple[int, int]) -> np.ndarray:
     near = np.ascontiguousarray(z.max() - z, dtype=np.float32)
     h, w = out_size
     return cv2.resize(near, (w, h), interpolation=cv2.INTER_AREA)
-
-
-def write_xyz_tiff(path: str | Path, xyz: np.ndarray) -> None:
-    """Write float32 (H,W,3) x, y, z as MVTec 3D-AD does (TIFF samples in x, y, z order)."""
-    xyz = np.asarray(xyz, dtype=np.float32)
-    if xyz.ndim != 3 or xyz.shape[2] != 3:
-        raise ValueError(f"xyz must have shape (H,W,3), got {xyz.shape}")
-    path = Path(path)
-    with atomic_path(path, suffix=f".partial{path.suffix}") as tmp:
-        # cv2 treats the array as BGR and stores it as RGB: pass z, y, x to store x, y, z.
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(xyz[..., ::-1])):
-            raise ImageError(path, "OpenCV could not write it; use a .tiff name in a writable folder")
