@@ -20,11 +20,12 @@ control point (at most 1/8 of the window from its lattice spot) still lands exac
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from hybrid.config import check_keys
 
 PAD_MODES = ("border", "zeros", "reflection")
 _FADE = 0.125  # width of the TPS fade-out ring, fraction of the window side
@@ -69,11 +70,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
         """Build from a config section; unknown keys raise ValueError."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown augment config key(s) {unknown}; valid keys are {valid}")
-        return cls(**d)
+        return cls(**check_keys(d, cls, "augment"))
 
 
 def _pair(name: str, value: tuple[float, float] | list[float]) -> tuple[float, float]:

@@ -28,7 +28,7 @@ import logging
 import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from hybrid.config import check_keys
 from hybrid.io import atomic_path
 from hybrid.metrics.challenge import challenge_scores, write_predictions
 
@@ -224,11 +225,7 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> HeadConfig:
         """From a config mapping; unknown keys are refused."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"classify: unknown keys {unknown}; known: {sorted(known)}")
+        d = check_keys(d, cls, "classify")
         if "linear_hidden" in d:
             d["linear_hidden"] = tuple(int(w) for w in d["linear_hidden"])
         return cls(**d)

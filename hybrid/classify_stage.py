@@ -35,6 +35,7 @@ from hybrid.classify import (
     model_fingerprint,
     run_classification,
 )
+from hybrid.config import resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
@@ -86,14 +87,6 @@ class ClassifyStageConfig:
             own["heads"] = tuple(own["heads"])
         own["paths"] = dict(own.get("paths") or {})
         return cls(**own, head=HeadConfig.from_dict(d))
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"classify.device {name!r} asked for, but torch sees no CUDA GPU; use cpu or auto")
-    return name
 
 
 def random_dinov2(seed: int = 0) -> Dinov2Model:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from hybrid.config import check_keys, resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
@@ -76,22 +77,11 @@ class EvaluateConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> EvaluateConfig:
-        d = dict(d or {})
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"evaluate: unknown keys {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        d = check_keys(d, cls, "evaluate")
         if "kinds" in d:
             d["kinds"] = tuple(d["kinds"])
         d["paths"] = dict(d.get("paths") or {})
         return cls(**d)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU; set device: cpu or auto")
-    return name
 
 
 # ----------------------------------------------------------------------------- feature networks

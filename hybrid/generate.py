@@ -38,12 +38,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hybrid.config import check_keys, resolve_device
 from hybrid.data.manifest import matches
 from hybrid.data.shards import ShardDataset, read_attrs, shard_is_current, shard_name, to_unit, write_shard
 from hybrid.io import atomic_path, write_parquet_atomic
 from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.generator import Generator
-from hybrid.preprocess import resolve_device
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class PairingConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, kind: str = "pairing") -> PairingConfig:
-        _check_keys(d, cls, f"generate.{kind}")
+        check_keys(d, cls, f"generate.{kind}")
         return cls(**d)
 
 
@@ -116,15 +116,8 @@ class GenerateConfig:
         d = dict(d)
         pairings = {k: PairingConfig.from_dict(d.pop(k, {}) or {}, k) for k in KINDS}
         manipulate = ManipulateConfig.from_dict(d.pop("manipulate", {}) or {})
-        _check_keys(d, cls, "generate", extra=KINDS, hidden=("pairings",))
+        check_keys(d, cls, "generate", extra=KINDS, hidden=("pairings",))
         return cls(**d, pairings=pairings, manipulate=manipulate)
-
-
-def _check_keys(d: Mapping, cls: type, where: str, extra: Sequence[str] = (), hidden: Sequence[str] = ()) -> None:
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in hidden] + list(extra)
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {where} config key(s) {unknown}; valid keys are {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- pairs

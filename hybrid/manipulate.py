@@ -25,7 +25,6 @@ All randomness comes from the caller's ``numpy.random.Generator``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hybrid.config import check_keys
 from hybrid.augment import tps_warp_grid
 
 Maps = dict[str, torch.Tensor]
@@ -91,11 +91,7 @@ class ManipulateConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ManipulateConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown manipulate config key(s) {unknown}; valid keys are {known}")
-        return cls(**d)
+        return cls(**check_keys(d, cls, "manipulate"))
 
 
 def _pair(name: str, v) -> tuple[float, float]:

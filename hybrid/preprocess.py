@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hybrid.config import check_keys, resolve_device
 from hybrid.data.images import ImageError, read_image, read_mask
 from hybrid.data.shards import build_index, shard_is_current, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
@@ -48,11 +49,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"preprocess: unknown keys {unknown}; valid keys are {sorted(known)}")
-        cfg = cls(**d)
+        cfg = cls(**check_keys(d, cls, "preprocess"))
         for key, value, choices in (("edge_model", cfg.edge_model, EDGE_MODELS),
                                     ("depth_source", cfg.depth_source, DEPTH_SOURCES),
                                     ("bad_images", cfg.bad_images, ("error", "skip")),
@@ -61,14 +58,6 @@ class PreprocessConfig:
             if value not in choices:
                 raise ValueError(f"preprocess.{key}: {value!r} is not one of {list(choices)}")
         return cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU; set device: auto or cpu")
-    return torch.device(name)
 
 
 class _Decoded(Dataset):

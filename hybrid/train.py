@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from hybrid.config import check_keys
 from hybrid.augment import AugmentConfig, augment
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
@@ -96,11 +97,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train config key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return cls(**check_keys(d, cls, "train"))
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:

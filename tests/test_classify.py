@@ -201,6 +201,6 @@ def test_same_seed_same_scores_and_input_errors():
         run_classification(x_train, np.zeros(len(x_train)), {}, x_test, ref.filename, ref)
     with pytest.raises(ValueError, match="one row per test filename"):
         run_classification(x_train, y_train, {}, x_test[:-1], ref.filename, ref)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown classify config key"):
         HeadConfig.from_dict({"linear_epoch": 3})
     assert HeadConfig.from_dict({"linear_hidden": [64, 32]}).linear_hidden == (64, 32)

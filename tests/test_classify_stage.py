@@ -97,7 +97,7 @@ def test_reference_matching_ignores_extension_case_and_falls_back_to_the_file_st
 def test_config_and_weights_errors(tmp_path, model_dir):
     with pytest.raises(ValueError, match="list both heads"):
         ClassifyStageConfig.from_dict({"heads": ["max"]})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown classify config key"):
         ClassifyStageConfig.from_dict({"linear_epoch": 3})
     cfg = ClassifyStageConfig.from_dict({"heads": ["sgd"], "sgd_alpha": 0.01, "model": "dinov2_small"})
     assert cfg.head.sgd_alpha == 0.01 and cfg.heads == ("sgd",)

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hybrid.data.xyz import read_xyz
+
 from hybrid.data import demo
 from hybrid.data.demo import (
     HYBRID_TYPES,
@@ -20,7 +22,6 @@ from hybrid.data.demo import (
     draw_butterfly,
     individual,
     make_demo,
-    read_xyz,
 )
 from tests.conftest import shared_path
 

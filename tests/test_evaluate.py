@@ -110,7 +110,7 @@ def test_stand_ins_are_seeded_and_lpips_linear_layers_are_real_when_present(mode
 
 
 def test_config_refuses_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown evaluate config key"):
         EvaluateConfig.from_dict({"n_centers": 10})
     with pytest.raises(ValueError, match="auto, real or random"):
         EvaluateConfig.from_dict({"weights": "pretrained"})

@@ -160,7 +160,7 @@ def test_fetch_models_rule_collects_what_the_stages_need(demo_run, tmp_path, mon
     monkeypatch.setenv("HYBRID_OFFLINE", "1")
     monkeypatch.setenv("HYBRID_MODEL_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
-    edge = f"preprocess={{edge_model: pidinet}}"
+    edge = "preprocess={edge_model: pidinet}"
     snakemake(demo_run, "--cores", "1", "fetch_models", "--config", edge, f"models={{paths: {{pidinet: {ckpt}}}}}")
     assert json.loads((demo_run / "resources/models.json").read_text()) == {"pidinet": str(ckpt)}
     proc = snakemake(demo_run, "--cores", "1", "--forcerun=fetch_models", "fetch_models", "--config", edge,

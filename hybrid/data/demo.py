@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from hybrid.data.xyz import read_xyz, write_xyz  # noqa: F401 (read_xyz: part of the demo API)
+from hybrid.config import check_keys
+from hybrid.data.xyz import write_xyz
 from hybrid.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -588,13 +589,7 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DemoConfig:
-        known = {f.name for f in fields(cls)}
-        for key in d or {}:
-            if key not in known:
-                raise ValueError(
-                    f"demo config: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
-                )
-        return cls(**(d or {}))
+        return cls(**check_keys(d, cls, "demo"))
 
 
 @dataclass
