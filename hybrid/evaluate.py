@@ -32,7 +32,7 @@ from hybrid.config import check_keys, resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
-from hybrid.metrics.cluster_lpips import cluster_lpips
+from hybrid.metrics.cluster_lpips import cluster_lpips, lpips_features
 from hybrid.metrics.inception_score import inception_logits, inception_score
 from hybrid.metrics.lpips import LPIPS, NETS, load_lpips
 from hybrid.models import store
@@ -218,16 +218,18 @@ def _nan_to_none(obj: object) -> object:
 
 
 def _score(logits: np.ndarray, images: np.ndarray, centres: np.ndarray | None, metric: LPIPS,
-           cfg: EvaluateConfig, device: str) -> dict:
+           cfg: EvaluateConfig, device: torch.device, centre_feats: list[torch.Tensor] | None = None,
+           gen_feats: list[torch.Tensor] | None = None) -> dict:
     """IS (from Inception logits) and cluster LPIPS of one set of generated images (no LPIPS
-    when ``centres`` is None)."""
+    when ``centres`` is None). Precomputed LPIPS features are used instead of recomputing them."""
     splits = min(cfg.is_splits, len(logits))
     is_mean, is_std = inception_score(logits, splits=splits, seed=cfg.is_seed)
     out = {"n_images": len(logits), "is_mean": is_mean, "is_std": is_std, "is_splits": splits}
     if centres is not None:
-        c = cluster_lpips(images, _fit(centres, images.shape[1:3]), metric, cap=cfg.lpips_cap,
+        c = cluster_lpips(images, centres, metric, cap=cfg.lpips_cap,
                           min_size=cfg.lpips_min_size, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                          cache_bytes=int(cfg.cache_gib * 2**30))
+                          cache_bytes=int(cfg.cache_gib * 2**30), centre_features=centre_feats,
+                          generated_features=gen_feats, progress=False)
         used = [v for v in c["per_cluster"] if not math.isnan(v)]
         out.update(lpips=c["score"], lpips_std=float(np.std(used)) if used else math.nan,
                    n_centres=len(centres), n_clusters_used=c["n_clusters_used"])
@@ -268,7 +270,7 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
         images = read_images(g, generated_dir)
         logits = inception_logits(images, inception, batch_size=cfg.batch_size, device=device)
         centre_rows, note = sample_centres(real, index, category, cfg.n_centres, cfg.seed)
-        centres = None
+        centres = centre_feats = gen_feats = None
         if len(centre_rows) < MIN_CENTRES:
             why = (f"{len(centre_rows)} real test anomalies of category {category!r} in the shards; cluster LPIPS "
                    f"needs at least {MIN_CENTRES} as centres")
@@ -276,7 +278,13 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
             log.warning("evaluate: no cluster LPIPS for %s: %s", category, why)
             note = "; ".join(filter(None, [note, f"LPIPS skipped: {why}"]))
         else:
-            centres = read_images(centre_rows, shard_dir)
+            # Features once per category, shared by AHD, AHE and both: the centres always, the
+            # generated images when they fit in cache_gib (else cluster_lpips recomputes per subset).
+            centres = _fit(read_images(centre_rows, shard_dir), images.shape[1:3])
+            centre_feats = lpips_features(metric.to(device), centres, None, cfg.batch_size, device)
+            per_image = sum(f[0].numel() * f.element_size() for f in centre_feats)
+            if len(images) * per_image <= cfg.cache_gib * 2**30:
+                gen_feats = [f.cpu() for f in lpips_features(metric, images, None, cfg.batch_size, device)]
         centres_used[category] = centre_rows["sample_id"].astype(str).tolist()
         found = set(g["decoder"].astype(str))
         present = [d for d in DECODERS if d in found] + sorted(found - set(DECODERS))
@@ -284,7 +292,8 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
             sel = np.ones(len(g), bool) if decoder == "both" else (g["decoder"] == decoder).to_numpy()
             log.info("evaluate: %s / %s: %d images, %s centres", category, decoder, int(sel.sum()),
                      len(centre_rows) if centres is not None else "no")
-            r = _score(logits[sel], images[sel], centres, metric, cfg, device)
+            sub_feats = None if gen_feats is None else [f[torch.from_numpy(np.flatnonzero(sel))] for f in gen_feats]
+            r = _score(logits[sel], images[sel], centres, metric, cfg, device, centre_feats, sub_feats)
             row_note = note
             if centres is not None and math.isnan(r["lpips"]):
                 why = f"no cluster reached lpips_min_size={cfg.lpips_min_size} members"

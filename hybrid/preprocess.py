@@ -184,10 +184,8 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
         rows = pd.concat([chunks[i] for i in todo])
         loader = DataLoader(_Decoded(rows, cfg, sensor), batch_size=cfg.batch_size, num_workers=cfg.workers,
                             collate_fn=_collate)
-        bounds = {i: len(chunks[i]) for i in todo}
-        pending = iter(todo)
-        current, need, acc = next(pending), None, []
-        need = bounds[current]
+        owners = [i for i in todo for _ in range(len(chunks[i]))]  # the shard of each decoded row
+        done, acc = 0, []
         bar = tqdm(total=len(rows), desc="preprocess", unit="img")
         for batch in loader:
             good = [it for it in batch if it["error"] is None]
@@ -205,12 +203,11 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
                         it.setdefault(name, arr[k])
                     k += 1
                 acc.append(it)
-                need -= 1
-                if need == 0:
-                    skipped += _flush(out_dir, current, acc, prints[current], attrs_common)
+                done += 1
+                shard = owners[done - 1]
+                if done == len(owners) or owners[done] != shard:  # the shard's last row: write it
+                    skipped += _flush(out_dir, shard, acc, prints[shard], attrs_common)
                     acc = []
-                    current = next(pending, None)
-                    need = bounds.get(current, 0)
             bar.update(len(batch))
         bar.close()
 

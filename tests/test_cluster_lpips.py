@@ -132,3 +132,20 @@ def test_bad_arguments_are_named(metric, data):
         cluster_lpips(gen[:, :, :16, :16], centres, metric)
     with pytest.raises(ValueError, match="centres"):
         cluster_lpips(gen, centres[:0], metric)
+
+
+def test_precomputed_features_give_the_same_result_without_recomputing(metric, data, monkeypatch):
+    """The evaluate stage scores AHD, AHE and both against one set of centres: features computed
+    once and passed in must give exactly what cluster_lpips computes itself."""
+    import hybrid.metrics.cluster_lpips as cl
+
+    gen, centres = data
+    plain = cl.cluster_lpips(gen, centres, metric, cap=50, seed=1, progress=False)
+    cf, gf = cl.lpips_features(metric, centres), cl.lpips_features(metric, gen)
+    calls = []
+    monkeypatch.setattr(cl, "lpips_features", lambda *a, **k: calls.append(1))
+    given = cl.cluster_lpips(gen, centres, metric, cap=50, seed=1, progress=False, centre_features=cf,
+                             generated_features=gf)
+    assert calls == []
+    assert given["score"] == pytest.approx(plain["score"], rel=1e-6)
+    np.testing.assert_array_equal(given["assignment"], plain["assignment"])

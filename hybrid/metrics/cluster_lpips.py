@@ -30,8 +30,11 @@ Images = np.ndarray | torch.Tensor
 
 
 @torch.no_grad()
-def _features(metric: LPIPS, images: Images, index: np.ndarray, batch_size: int, device: str) -> list[torch.Tensor]:
-    """Features of ``images[index]`` on ``device``, batched."""
+def lpips_features(metric: LPIPS, images: Images, index: np.ndarray | None = None, batch_size: int = 16,
+                   device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Per-layer LPIPS features of ``images[index]`` (all images when None) on ``device``, batched.
+    Compute them once and pass them to :func:`cluster_lpips` to score several subsets."""
+    index = np.arange(len(images)) if index is None else index
     chunks = [metric.features(to_lpips_input(images[index[i : i + batch_size]]).to(device))
               for i in range(0, len(index), batch_size)]
     return [torch.cat(layer) for layer in zip(*chunks)]
@@ -55,6 +58,8 @@ def cluster_lpips(
     device: str = "cpu",
     cache_bytes: int = 4 * 2**30,
     progress: bool = True,
+    centre_features: list[torch.Tensor] | None = None,
+    generated_features: list[torch.Tensor] | None = None,
 ) -> dict:
     """Cluster LPIPS of ``generated`` around ``centres``.
 
@@ -63,6 +68,8 @@ def cluster_lpips(
     ``cluster_sizes`` (members per centre before the cap), ``per_cluster`` (value per centre, NaN
     when dropped), ``assignment`` (centre index per generated image) and ``features_cached``
     (whether the generated images' features fitted in ``cache_bytes``; else they were recomputed).
+    ``centre_features`` / ``generated_features``: the images' :func:`lpips_features`, already
+    computed (the caller scores several subsets against the same centres); then not recomputed.
     """
     if cap < 2 or min_size < 2:
         raise ValueError(f"cap ({cap}) and min_size ({min_size}) must be at least 2: a cluster value needs a pair")
@@ -75,19 +82,25 @@ def cluster_lpips(
                          "resize both to one size (the protocol uses 256x256)")
     metric = metric.to(device).eval()
 
-    centre_feats = _features(metric, centres, np.arange(n_centres), batch_size, device)
+    centre_feats = centre_features if centre_features is not None else lpips_features(
+        metric, centres, None, batch_size, device)
     centre_sq = metric.squared_norms(centre_feats)
     per_image = sum(f[0].numel() * f.element_size() for f in centre_feats)
-    keep = n_gen * per_image <= cache_bytes
+    keep = generated_features is not None or n_gen * per_image <= cache_bytes
 
     assignment = np.empty(n_gen, dtype=np.int64)
-    gen_feats = [f.new_empty((n_gen, *f.shape[1:]), device="cpu") for f in centre_feats] if keep else None
+    given = generated_features is not None
+    gen_feats = generated_features if given else (
+        [f.new_empty((n_gen, *f.shape[1:]), device="cpu") for f in centre_feats] if keep else None)
     for i in tqdm(range(0, n_gen, batch_size), desc="cluster LPIPS: assign", disable=not progress):
         idx = np.arange(i, min(i + batch_size, n_gen))
-        feats = _features(metric, generated, idx, batch_size, device)
+        if given:
+            feats = [f[i : i + len(idx)].to(device) for f in gen_feats]
+        else:
+            feats = lpips_features(metric, generated, idx, batch_size, device)
         d = metric.pairwise_from_features(feats, centre_feats, sq_b=centre_sq)
         assignment[idx] = d.argmin(dim=1).cpu().numpy()
-        for cache, f in zip(gen_feats or [], feats):
+        for cache, f in zip(gen_feats if keep and not given else [], feats):
             cache[i : i + len(idx)] = f.cpu()
     del centre_feats
 
@@ -103,7 +116,7 @@ def cluster_lpips(
         if gen_feats is not None:
             feats = [f[torch.from_numpy(members)].to(device) for f in gen_feats]
         else:
-            feats = _features(metric, generated, members, batch_size, device)
+            feats = lpips_features(metric, generated, members, batch_size, device)
         values.append(_mean_pairwise(metric.pairwise_from_features(feats, feats)))
 
     used = [v for v in values if not math.isnan(v)]
