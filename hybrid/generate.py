@@ -10,6 +10,14 @@ target's depth and edge maps, and each decoder (AHD, AHE) gives an image and its
 - ``normal``: as global, with reference and target alike (same category and ``match`` columns),
   to enlarge the normal set (AnoHybrid+).
 
+With a depth-level checkpoint (AnomalyHybrid*, ``depth_checkpoint``), every generated RGB image is
+turned into aligned depth-level outputs (paper 003, Sec. 3.1, Fig. 2b): AH* sees the generated
+image as its target image and, as its reference depth and edge, the pair target's *unmanipulated*
+maps, so the depth anomaly lands where the RGB anomaly is. Its AHD output is stored as
+``depth_generated`` (uint16) and its AHE output as ``edge_generated`` (uint8), beside the image.
+``feature_noise`` adds AnomalyFactory's diversity noise (paper 002, Sec. 3.3) to the encoded
+features, drawn from each pair's seed.
+
 Pairs per kind: ``random`` (reference and target drawn from the same category and equal
 ``match`` columns), ``groups`` (all pairs between two filtered groups of the manifest, both
 directions) or ``explicit`` ([reference_id, target_id] lists). Each pair carries its own seed, so
@@ -99,6 +107,7 @@ class GenerateConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
     sheet_rows: int = 4  # pairs per kind on each category's contact sheet
+    feature_noise: float = 0.0  # std of the noise added to the encoded features (AnomalyFactory)
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
@@ -109,6 +118,8 @@ class GenerateConfig:
                              "auto|cpu|cuda and precision auto|fp32|bf16")
         if self.batch_size < 1 or self.shard_size < 1 or self.sheet_rows < 0 or self.workers < 0:
             raise ValueError("generate.batch_size and shard_size must be >= 1, sheet_rows and workers >= 0")
+        if self.feature_noise < 0:
+            raise ValueError(f"generate.feature_noise {self.feature_noise} must be >= 0 (a standard deviation)")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> GenerateConfig:
@@ -232,14 +243,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def load_generator(checkpoint: str | Path, device: torch.device) -> Generator:
-    """The checkpoint's RGB-level generator on ``device``, in eval mode."""
+def load_generator(checkpoint: str | Path, device: torch.device, level: str = "rgb") -> Generator:
+    """The checkpoint's generator of ``level`` (rgb or depth) on ``device``, in eval mode."""
     from hybrid.train import load_checkpoint
 
-    G = load_checkpoint(checkpoint)
-    if G.level != "rgb":
-        raise ValueError(f"{checkpoint} holds a {G.level}-level generator (AnomalyHybrid*); generate needs an "
-                         "RGB-level (AnomalyHybrid) checkpoint: the train stage's checkpoint/")
+    what = "generate's checkpoint" if level == "rgb" else "generate's depth-level checkpoint"
+    G = load_checkpoint(checkpoint, level=level, purpose=what)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return G.to(device, memory_format=fmt).eval()
 
@@ -261,27 +270,60 @@ def conditions(reference: Mapping[str, torch.Tensor], target: Mapping[str, torch
             "region": region.cpu()}
 
 
+def feature_noise(G: Generator, seed: int, std: float, height: int, width: int) -> torch.Tensor:
+    """AnomalyFactory's diversity noise for one pair: N(0, std^2) of the encoded features' shape,
+    drawn from the pair's seed (so an output does not depend on its batch)."""
+    g = torch.Generator().manual_seed(_seed(seed, 7))
+    return torch.randn(G.feature_shape(height, width), generator=g) * std
+
+
 @torch.inference_mode()
 def run_generator(G: Generator, batch: Mapping[str, torch.Tensor], precision: str = "fp32") -> dict:
     """Each decoder's ``{"image": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W)}`` as CPU float
-    tensors, for stacked named maps (``conditions`` of several pairs); bf16 autocast if asked."""
+    tensors, for stacked named maps (``conditions`` of several pairs); bf16 autocast if asked.
+    A ``feature_noise`` entry (B, C, h, w) is added to the encoded features."""
     device = next(G.parameters()).device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
+    noise = batch.get("feature_noise")
+    noise = noise.to(device, non_blocking=True) if noise is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = G(x)
+        out = G(x, noise)
     return {d: {"image": o["image"].float().clamp(-1, 1).cpu(), "mask": o["mask"].float().clamp(0, 1).cpu()}
             for d, o in out.items()}
 
 
 def generate_batch(G: Generator, references: Sequence[Mapping[str, torch.Tensor]],
                    targets: Sequence[Mapping[str, torch.Tensor]], manipulations: Sequence[str],
-                   seeds: Sequence[int], cfg: ManipulateConfig, precision: str = "fp32") -> dict:
+                   seeds: Sequence[int], cfg: ManipulateConfig, precision: str = "fp32",
+                   noise: float = 0.0, G_star: Generator | None = None) -> dict:
     """:func:`conditions` of each pair, stacked, plus :func:`run_generator`'s outputs per decoder:
-    ``{"target_edge", "target_depth", "region", ..., "AHD": {"image", "mask"}, "AHE": {...}}``."""
+    ``{"target_edge", "target_depth", "region", ..., "AHD": {"image", "mask"}, "AHE": {...}}``;
+    with ``G_star`` each decoder's entry also holds ``depth_generated`` / ``edge_generated``."""
     items = [conditions(r, t, m, s, cfg) for r, t, m, s in zip(references, targets, manipulations, seeds, strict=True)]
+    for it, t, s in zip(items, targets, seeds):
+        if noise:
+            it["feature_noise"] = feature_noise(G, s, noise, *t["image"].shape[-2:])
+        if G_star is not None:
+            it |= {f"source_{k}": t[k] for k in ("depth", "edge")}
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    return {**batch, **run_generator(G, batch, precision)}
+    out = run_generator(G, batch, precision)
+    if G_star is not None:
+        add_depth_level(G_star, batch, out, precision)
+    return {**batch, **out}
+
+
+def add_depth_level(G_star: Generator, batch: Mapping[str, torch.Tensor], out: dict, precision: str) -> None:
+    """AH* on each decoder's generated image (paper 003, Fig. 2b): target_image = that image,
+    reference depth / edge = the pair target's unmanipulated maps (``source_depth`` /
+    ``source_edge``); adds ``depth_generated`` (AH*'s AHD) and ``edge_generated`` (its AHE)."""
+    for d, o in out.items():
+        star = run_generator(G_star, {"target_image": o["image"], "reference_depth": batch["source_depth"],
+                                      "reference_edge": batch["source_edge"]}, precision)
+        if "AHD" in star:
+            o["depth_generated"] = star["AHD"]["image"]
+        if "AHE" in star:
+            o["edge_generated"] = star["AHE"]["image"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -296,12 +338,14 @@ def _depth_uint16(x: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the stage
 def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_dir: str | Path,
-             cfg: GenerateConfig) -> pd.DataFrame:
+             cfg: GenerateConfig, depth_checkpoint: str | Path | None = None) -> pd.DataFrame:
     """Write ``out_dir/shard-*.h5``, ``out_dir/manifest.parquet`` and ``out_dir/sheets/<category>.png``.
 
     ``index`` is the preprocess stage's index.parquet (its shards beside it); ``manifest`` the
-    ingest manifest (for categories and the ``select`` / group filters). Returns the generated
-    manifest. Shards whose fingerprint matches are kept.
+    ingest manifest (for categories and the ``select`` / group filters). ``depth_checkpoint``: an
+    AnomalyHybrid* checkpoint (train_depth) that adds aligned ``depth_generated`` /
+    ``edge_generated`` maps to every image. Returns the generated manifest. Shards whose
+    fingerprint matches are kept.
     """
     index = Path(index)
     out_dir = Path(out_dir)
@@ -318,23 +362,33 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
     decoders = json.loads((Path(checkpoint) / "config.json").read_text())["model"].get("decoders", ["AHD", "AHE"])
     per_shard = max(1, cfg.shard_size // len(decoders))
     chunks = [jobs[i:i + per_shard] for i in range(0, len(jobs), per_shard)]
+    star_depth = None
+    if depth_checkpoint is not None:
+        load_generator(depth_checkpoint, torch.device("cpu"), level="depth")  # the level, before any work
+        star_depth = json.loads((Path(depth_checkpoint) / "config.json").read_text()).get("data", {}).get(
+            "depth_field", "depth")
     base = _fingerprint(checkpoint, shard_dir, index_df, cfg, device, precision)
+    if depth_checkpoint is not None:
+        base = _fingerprint(depth_checkpoint, shard_dir, index_df, cfg, device, precision, base)
     prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
               for c in chunks]
     todo = [i for i in range(len(chunks)) if not shard_is_current(out_dir / shard_name(i), prints[i])]
     log.info("generate: %d pairs (%s) x %d decoders in %d shards (%d to write, %d kept) on %s, %s",
              len(jobs), ", ".join(f"{k} {sum(j.kind == k for j in jobs)}" for k in cfg.kinds), len(decoders),
              len(chunks), len(todo), len(chunks) - len(todo), device, precision)
-    samples = Samples(index_df, shard_dir)
+    samples = Samples(index_df, shard_dir, star_depth)
     if todo:
         G = load_generator(checkpoint, device)
+        G_star = load_generator(depth_checkpoint, device, "depth") if depth_checkpoint is not None else None
         attrs = {k: v for k, v in read_attrs(shard_dir / index_df["shard"].iloc[0]).items()
                  if k in ("resolution", "fit", "edge_model", "depth_source")}
         attrs["checkpoint"] = str(checkpoint)
+        if depth_checkpoint is not None:
+            attrs["depth_checkpoint"] = str(depth_checkpoint)
         bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(decoders), desc="generate", unit="img")
         for i in todo:
             _write_chunk(out_dir / shard_name(i), chunks[i], G, samples, cfg, precision,
-                         {**attrs, "fingerprint": prints[i]}, bar)
+                         {**attrs, "fingerprint": prints[i]}, bar, G_star)
         bar.close()
     for stale in out_dir.glob("shard-*.h5"):
         if int(stale.stem.split("-")[1]) >= len(chunks):
@@ -351,11 +405,22 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
 
 class Samples:
     """The preprocess stage's samples by sample id: ``samples[id]`` gives model-range tensors
-    (image (3, H, W), edge / depth (1, H, W) in [-1, 1]), ``samples.raw(id)`` the stored arrays."""
+    (image (3, H, W), edge / depth (1, H, W) in [-1, 1]), ``samples.raw(id)`` the stored arrays.
 
-    def __init__(self, index_df: pd.DataFrame, shard_dir: Path) -> None:
+    ``star_depth``: the shard array AH* learned its depth from (``depth`` or ``depth_sensor``);
+    given, items also hold ``star_depth`` (the pair target's reference depth for AH*)."""
+
+    def __init__(self, index_df: pd.DataFrame, shard_dir: Path, star_depth: str | None = None) -> None:
         with h5py.File(shard_dir / index_df["shard"].iloc[0], "r") as f:
             fields = [k for k in ("image", "edge", "depth") if k in f]
+            if star_depth is not None:
+                needed = ["edge", star_depth]
+                if any(k not in f for k in needed):
+                    raise ValueError(f"the depth-level checkpoint needs the shards' {needed} arrays, but "
+                                     f"{shard_dir / index_df['shard'].iloc[0]} has {sorted(f)}; preprocess with "
+                                     "an edge model and the depth it was trained on")
+                fields += [star_depth] if star_depth not in fields else []
+        self.star_depth = star_depth
         self.data = ShardDataset(index_df, fields, shard_dir, raw=True)
         self.pos = {s: i for i, s in enumerate(index_df["sample_id"])}
 
@@ -364,33 +429,48 @@ class Samples:
 
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
         item = self.raw(sample_id)
-        return {k: to_unit(item[k], k) for k in self.data.fields}
+        out = {k: to_unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
+        if self.star_depth is not None:
+            out["star_depth"] = to_unit(item[self.star_depth], self.star_depth)
+        return out
 
 
 class PairConditions(torch.utils.data.Dataset):
     """The :func:`conditions` of each job, so a DataLoader prepares them in worker processes."""
 
-    def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig) -> None:
-        self.jobs, self.samples, self.cfg = list(jobs), samples, cfg
+    def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig,
+                 G: Generator | None = None, noise: float = 0.0) -> None:
+        self.jobs, self.samples, self.cfg, self.G, self.noise = list(jobs), samples, cfg, G, noise
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self.jobs[i]
-        return conditions(self.samples[j.reference_id], self.samples[j.target_id], j.manipulation, j.seed, self.cfg)
+        ref, tgt = self.samples[j.reference_id], self.samples[j.target_id]
+        star_depth = tgt.pop("star_depth", None)
+        ref.pop("star_depth", None)
+        item = conditions(ref, tgt, j.manipulation, j.seed, self.cfg)
+        if star_depth is not None:  # AH*'s reference maps: the target's unmanipulated depth and edge
+            item |= {"source_depth": star_depth, "source_edge": tgt["edge"]}
+        if self.noise:
+            item["feature_noise"] = feature_noise(self.G, j.seed, self.noise, *tgt["image"].shape[-2:])
+        return item
 
 
 def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cfg: GenerateConfig,
-                 precision: str, attrs: dict, bar: tqdm) -> None:
-    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "mask", "region", "edge", "depth")}
+                 precision: str, attrs: dict, bar: tqdm, G_star: Generator | None = None) -> None:
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "mask", "region", "edge", "depth",
+                                                            "depth_generated", "edge_generated")}
     strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
     cuda = next(G.parameters()).device.type == "cuda"
-    loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate), batch_size=cfg.batch_size,
-                                         num_workers=cfg.workers, pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=cuda)
     done = 0
     for batch in loader:
         out = run_generator(G, batch, precision)
+        if G_star is not None:
+            add_depth_level(G_star, batch, out, precision)
         region = batch["region"][:, 0].numpy().astype(np.uint8) * 255
         edge = to_uint8(batch["target_edge"]) if "target_edge" in batch else None
         depth = _depth_uint16(batch["target_depth"]) if "target_depth" in batch else None
@@ -403,6 +483,10 @@ def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cf
                     arrays["edge"].append(edge[k])
                 if depth is not None:
                     arrays["depth"].append(depth[k])
+                if "depth_generated" in out[d]:
+                    arrays["depth_generated"].append(_depth_uint16(out[d]["depth_generated"][k:k + 1])[0])
+                if "edge_generated" in out[d]:
+                    arrays["edge_generated"].append(to_uint8(out[d]["edge_generated"][k:k + 1])[0])
                 for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
                                    ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
                                    ("manipulation", j.manipulation), ("category", j.category), ("kind", j.kind)):
@@ -414,11 +498,14 @@ def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cf
 
 
 def _fingerprint(checkpoint: str | Path, shard_dir: Path, index_df: pd.DataFrame, cfg: GenerateConfig,
-                 device: torch.device, precision: str) -> str:
-    """Hash of what every output depends on besides its pair: manipulation settings, device type,
-    precision, the checkpoint (config and weight file identity) and the input shards' identities."""
+                 device: torch.device, precision: str, salt: str = "") -> str:
+    """Hash of what every output depends on besides its pair: manipulation settings, feature noise,
+    device type, precision, the checkpoint (config and weight file identity) and the input shards'
+    identities."""
     ckpt = Path(checkpoint)
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.manipulate), sort_keys=True).encode())
+    h = hashlib.sha256(salt.encode() + json.dumps(dataclasses.asdict(cfg.manipulate), sort_keys=True).encode())
+    if cfg.feature_noise:
+        h.update(f"noise {cfg.feature_noise}|".encode())
     h.update(f"{device.type}|{precision}|".encode())
     h.update((ckpt / "config.json").read_bytes())
     for p in [ckpt / "model.safetensors", *(shard_dir / s for s in sorted(index_df["shard"].unique()))]:
@@ -507,9 +594,12 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
                  manipulation: str = "none", seed: int = 0, edge_model: str | None = None,
                  depth_source: str | None = None, reference_depth: str | Path | None = None,
                  target_depth: str | Path | None = None, device: str = "auto",
-                 cfg: ManipulateConfig | None = None, weights: Mapping[str, str] | None = None) -> dict[str, Path]:
+                 cfg: ManipulateConfig | None = None, weights: Mapping[str, str] | None = None,
+                 depth_checkpoint: str | Path | None = None, feature_noise: float = 0.0) -> dict[str, Path]:
     """Generate from two image files into ``out``: ``<decoder>.png``, ``<decoder>_mask.png``,
-    ``region.png``, the fed ``target_edge.png`` / ``target_depth.png`` and ``sheet.png``.
+    ``region.png``, the fed ``target_edge.png`` / ``target_depth.png`` and ``sheet.png``; with a
+    ``depth_checkpoint`` (AH*) also ``<decoder>_depth.png`` / ``<decoder>_edge.png``, the aligned
+    depth-level anomaly of each generated image.
 
     Resolution, fit, edge model and depth source come from the checkpoint's config.json ``data``
     entry when recorded (else 256, stretch, canny, depth_anything_small); the arguments override
@@ -540,17 +630,24 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
                              "and --target-depth files, or --depth-source depth_anything_small")
         maps["depth"] = to_uint16(np.stack([sensor_nearness(p, (size, size)) for p in depth_files]))
     items = [{"image": to_unit(images[i], "image"), **{k: to_unit(v[i], k) for k, v in maps.items()}} for i in (0, 1)]
+    G_star = load_generator(depth_checkpoint, dev, "depth") if depth_checkpoint is not None else None
+    if G_star is not None and not {"edge", "depth"} <= set(maps):
+        raise ValueError("the depth-level checkpoint needs the target's edge and depth maps; give the edge model "
+                         "and depth source (or depth files) they were trained with")
     result = generate_batch(G, [items[0]], [items[1]], [manipulation], [seed], cfg,
-                            resolve_precision("auto", dev))
+                            resolve_precision("auto", dev), feature_noise, G_star)
     files: dict[str, np.ndarray] = {}
     for d in G.decoder_names:
         files[d] = to_uint8(result[d]["image"])[0]
         files[f"{d}_mask"] = to_uint8(result[d]["mask"] * 2 - 1)[0]
+        for k in ("depth", "edge"):
+            if f"{k}_generated" in result[d]:
+                files[f"{d}_{k}"] = to_uint8(result[d][f"{k}_generated"])[0]
     files["region"] = result["region"][0, 0].numpy().astype(np.uint8) * 255
     fed = [f"target_{k}" for k in MANIPULATED if f"target_{k}" in result]
     files |= {name: to_uint8(result[name])[0] for name in fed}
     order = ["reference", "target", *fed, "region",
-             *(n for d in G.decoder_names for n in (d, f"{d}_mask"))]
+             *(n for d in G.decoder_names for n in (d, f"{d}_mask", f"{d}_depth", f"{d}_edge") if n in files)]
     sheet = contact_sheet([{"reference": images[0], "target": images[1], **files}[n] for n in order],
                           [n if n != "region" else f"region ({manipulation})" for n in order],
                           cols=len(order), cell=min(max(size, 128), 256))
@@ -567,7 +664,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = ManipulateConfig.from_dict(json.loads(args.manipulate)) if args.manipulate else None
     files = generate_one(args.checkpoint, args.reference, args.target, args.out, args.manipulation, args.seed,
                          args.edge_model, args.depth_source, args.reference_depth, args.target_depth,
-                         args.device, cfg)
+                         args.device, cfg, depth_checkpoint=args.depth_checkpoint, feature_noise=args.feature_noise)
     print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
 
 
@@ -582,6 +679,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--manipulation", default="none",
                    help="none (global hybrid), random, merge, remove, replace or tps (local anomaly)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth-checkpoint", default=None,
+                   help="a depth-level (AnomalyHybrid*) checkpoint: also write each output's aligned depth and edge")
+    p.add_argument("--feature-noise", type=float, default=0.0,
+                   help="std of the noise added to the encoded features for diversity (AnomalyFactory)")
     p.add_argument("--edge-model", default=None, help="override the checkpoint's (pidinet, canny, ...)")
     p.add_argument("--depth-source", default=None, help="override the checkpoint's (depth_anything_small, ...)")
     p.add_argument("--reference-depth", default=None, help="sensor depth file (xyz tiff) of the reference")

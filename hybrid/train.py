@@ -1,9 +1,14 @@
 """Train AnomalyHybrid (paper 003, Fig. 4) with pix2pixHD losses; resumes exactly after a kill.
 
-Each sample {image, depth, edge} is augmented twice: the *target* group (image, depth, edge with
-one set of parameters) and the *reference* group (a different draw). The generator sees the
-conditions it was built for (AnomalyHybrid: reference image + target depth + target edge) and
-each decoder must reproduce its target (the augmented target image; AH*: target depth / edge).
+Pairs (paper 003, Sec. 3.4, Fig. 4, Eq. 2-4): each sample {image, depth, edge} gets independent
+augmentation draws, one per condition: the reference maps under draw R, the target depth under
+draw D and the target edge under draw E (AnomalyHybrid). Each decoder's learning target shares
+the draw of the condition it follows (``hybrid.models.generator.ROLES``): AHD learns the image
+under D (A_d), AHE the image under E (A_e). Depth and edge therefore disagree in training, which
+is what teaches AHD to follow depth and AHE to follow edges. AH* (depth level): the reference
+depth and edge under R, the target image under T, and both decoders learn their map under T.
+``train.shared_geometry: true`` is the ablation that puts every target map under one draw (the
+pre-fix behaviour, in which both decoders learn the same thing).
 Losses (pix2pixHD): G = LSGAN + feature matching + VGG19 perceptual (+ optional pixel L1 and
 mask mean) summed over the decoders; D = 0.5 * (real + fake) per decoder. G is updated, then D,
 with Adam. bf16 autocast on request, channels_last on CUDA, DDP under torchrun (WORLD_SIZE).
@@ -46,9 +51,10 @@ from hybrid.augment import AugmentConfig, augment
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
 from hybrid.models.discriminator import MultiscaleDiscriminator
-from hybrid.models.generator import CHANNELS, Generator
+from hybrid.models.generator import CHANNELS, Generator, copy_matching
 
 log = logging.getLogger(__name__)
+DEPTH_FIELDS = ("depth", "depth_sensor", "auto")
 CSV_COLUMNS = ["step", "epoch", "lr", "G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask",
                "D_total", "D_real", "D_fake"]
 
@@ -72,6 +78,10 @@ class TrainConfig:
     ndf: int = 64
     n_layers_D: int = 3
     num_D: int = 2
+    shared_geometry: bool = False  # ablation: one augmentation for all target maps (both decoders
+                                   # then learn the same image); the paper: one per condition
+    depth: str = "depth"        # shard array feeding the depth maps: depth | depth_sensor | auto
+                                # (auto: depth_sensor when the shards hold it, else depth)
     seed: int = 0
     device: str = "auto"        # "auto", "cpu", "cuda"
     precision: str = "fp32"     # "fp32" or "bf16" (autocast)
@@ -82,7 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16")}
+        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16"), "depth": DEPTH_FIELDS}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train config {key}={getattr(self, key)!r}: use one of {list(allowed)}")
@@ -112,12 +122,49 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class PairDataset(Dataset):
-    """Index ``(epoch, i)`` -> {"target", "reference"}: two augmentations of sample ``i``, each
-    applied to the stacked ``modalities`` with one set of parameters (seeded by seed, epoch, i)."""
+def learns_key(decoder: str) -> str:
+    """The batch key of a decoder's learning target (A_d, A_e), e.g. ``AHD_learns``."""
+    return f"{decoder}_learns"
 
-    def __init__(self, base: Dataset, modalities: list[str], cfg: AugmentConfig, seed: int) -> None:
-        self.base, self.modalities, self.cfg, self.seed = base, modalities, cfg, seed
+
+def draw_plan(G: Generator, shared_geometry: bool = False) -> dict[str, list[str]]:
+    """The augmentation draws of one training pair: draw name -> the batch keys taken under it.
+
+    Reference maps share one draw; every target-side condition gets its own (or, with
+    ``shared_geometry``, all share one ``target`` draw); each decoder's learning target
+    (:func:`learns_key`) joins the draw of the condition it follows. Target draws come first,
+    in condition order, and the reference draw last.
+    """
+    def draw(name: str) -> str:
+        if name.startswith("reference_"):
+            return "reference"
+        return "target" if shared_geometry else name
+
+    plan: dict[str, list[str]] = {}
+    for c in G.conditions:
+        plan.setdefault(draw(c), []).append(c)
+    for d, role in G.roles.items():
+        plan.setdefault(draw(role.guide), []).append(learns_key(d))
+    return {k: plan[k] for k in sorted(plan, key=lambda k: k == "reference")}
+
+
+def key_modality(key: str, G: Generator) -> str:
+    """``target_edge`` -> edge; ``AHD_learns`` -> the modality that decoder learns."""
+    name = G.targets[key[:-len("_learns")]] if key.endswith("_learns") else key
+    return name.split("_", 1)[1]
+
+
+class PairDataset(Dataset):
+    """Index ``(epoch, i)`` -> the generator's named conditions and each decoder's learning target
+    (:func:`learns_key`) from sample ``i``, one augmentation per draw of :func:`draw_plan`, drawn
+    in plan order from one generator seeded by (seed, epoch, i)."""
+
+    def __init__(self, base: Dataset, G: Generator, cfg: AugmentConfig, seed: int,
+                 shared_geometry: bool = False) -> None:
+        self.base, self.cfg, self.seed = base, cfg, seed
+        self.plan = draw_plan(G, shared_geometry)
+        self.modality = {k: key_modality(k, G) for keys in self.plan.values() for k in keys}
+        self.modalities = [m for m in CHANNELS if m in self.modality.values()]
 
     def __len__(self) -> int:
         return len(self.base)
@@ -129,20 +176,15 @@ class PairDataset(Dataset):
         if missing:
             raise KeyError(f"training sample {i} has no {missing} maps (it has {sorted(item)}), which the "
                            "model conditions need; preprocess with an edge model and a depth source")
-        x = torch.cat([torch.as_tensor(item[m], dtype=torch.float32) for m in self.modalities])[None]
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
-        return {"target": augment(x, self.cfg, g)[0], "reference": augment(x, self.cfg, g)[0]}
-
-
-def named_maps(batch: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, torch.Tensor]:
-    """{"target_image": ..., "reference_edge": ...} from the stacked channels of a batch."""
-    out = {}
-    for role in ("target", "reference"):
-        c = 0
-        for m in modalities:
-            out[f"{role}_{m}"] = batch[role][:, c:c + CHANNELS[m]]
-            c += CHANNELS[m]
-    return out
+        out = {}
+        for keys in self.plan.values():
+            used = [m for m in self.modalities if any(self.modality[k] == m for k in keys)]
+            x = torch.cat([torch.as_tensor(item[m], dtype=torch.float32) for m in used])[None]
+            x = augment(x, self.cfg, g)[0]
+            at = dict(zip(used, torch.split(x, [CHANNELS[m] for m in used])))
+            out |= {k: at[self.modality[k]] for k in keys}
+        return out
 
 
 def epoch_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
@@ -169,21 +211,20 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.o
     g = unwrap(G)
     cond = g.inputs(maps)
     decoders = g.decoder_names
-    targets = sorted(set(g.targets.values()))
-    reals = torch.cat([torch.cat([cond, maps[t]], 1) for t in targets])
+    # Real pairs: the conditions with each decoder's own target (A_d, A_e), judged by one D.
+    reals = torch.cat([torch.cat([cond, maps[learns_key(d)]], 1) for d in decoders])
     with autocast:
         out = G(cond)
         fakes = torch.cat([torch.cat([cond, out[d]["image"]], 1) for d in decoders])
         with torch.no_grad():
-            pred_real = split(D(reals), len(targets))
+            pred_real = split(D(reals), len(decoders))
         with D.no_sync() if isinstance(D, DDP) else contextlib.nullcontext():
             pred_fake = split(D(fakes), len(decoders))
             terms = dict.fromkeys(["G_gan", "G_feat", "G_vgg", "G_l1", "G_mask"], 0.0)
             for k, d in enumerate(decoders):
-                image, target = out[d]["image"], maps[g.targets[d]]
-                real = pred_real[targets.index(g.targets[d])]
+                image, target = out[d]["image"], maps[learns_key(d)]
                 parts = {"G_gan": gan_loss(pred_fake[k], True),
-                         "G_feat": feature_matching(pred_fake[k], real, cfg.n_layers_D, cfg.lambda_feat)}
+                         "G_feat": feature_matching(pred_fake[k], pred_real[k], cfg.n_layers_D, cfg.lambda_feat)}
                 if vgg is not None:
                     parts["G_vgg"] = cfg.lambda_vgg * vgg(image, target)
                 if cfg.lambda_l1:
@@ -196,10 +237,10 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.o
             loss_G.backward()
     opt_G.step()
     with autocast:
-        preds = split(D(torch.cat([reals, fakes.detach()])), len(targets) + len(decoders))
+        preds = split(D(torch.cat([reals, fakes.detach()])), 2 * len(decoders))
         loss_D = real_D = fake_D = 0.0
-        for k, d in enumerate(decoders):
-            total, real, fake = d_loss(preds[targets.index(g.targets[d])], preds[len(targets) + k])
+        for k in range(len(decoders)):
+            total, real, fake = d_loss(preds[k], preds[len(decoders) + k])
             loss_D, real_D, fake_D = loss_D + total, real_D + real, fake_D + fake
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
@@ -264,13 +305,23 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: str | Path) -> Generator:
-    """The generator of a checkpoint directory, weights from model.safetensors, in eval mode."""
+LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)"}
+
+
+def load_checkpoint(path: str | Path, level: str | None = None, purpose: str = "this use") -> Generator:
+    """The generator of a checkpoint directory, weights from model.safetensors, in eval mode.
+
+    ``level``: the level the caller needs ("rgb" or "depth"); another level fails naming both.
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
                                 "point at the train stage's checkpoint/ output")
     G = Generator(**json.loads((path / "config.json").read_text())["model"])
+    if level is not None and G.level != level:
+        raise ValueError(f"{path} holds a {LEVEL_NAMES[G.level]} generator, but {purpose} needs a "
+                         f"{LEVEL_NAMES[level]} one: use results/{'train' if level == 'rgb' else 'train_depth'}"
+                         "/checkpoint")
     G.load_state_dict(load_file(path / "model.safetensors"))
     return G.eval()
 
@@ -289,6 +340,19 @@ def check_same_config(ckpt: Path, saved: dict, wanted: dict, what: str) -> list[
     return diff
 
 
+def check_pairing(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a run under another pairing (checkpoints from before the per-condition
+    pairing have no ``shared_geometry`` key: they were trained with one shared geometry)."""
+    was = bool(saved.get("shared_geometry", True))
+    if was != cfg.shared_geometry:
+        how = {True: "one augmentation for all target maps", False: "one augmentation per condition"}
+        raise ValueError(f"the work checkpoint {ckpt} was trained with train.shared_geometry={str(was).lower()} "
+                         f"({how[was]}), but the config says train.shared_geometry="
+                         f"{str(cfg.shared_geometry).lower()}; set train.shared_geometry: {str(was).lower()} "
+                         "to finish that run, or start from an empty work folder. Generating from it needs "
+                         "no change.")
+
+
 # ----------------------------------------------------------------------------- logs and samples
 def start_csv(path: Path, step: int) -> None:
     """Keep the header and the rows up to ``step`` (a resumed run rewrites what came after)."""
@@ -302,11 +366,11 @@ def start_csv(path: Path, step: int) -> None:
         w.writerows(rows)
 
 
-def save_grid(path: Path, maps: dict[str, torch.Tensor], out: dict, targets: dict[str, str],
-              conditions: list[str], rows: int = 4) -> None:
-    """PNG, one sample per row: conditions | target(s) | per decoder: fused output, mask."""
-    names = conditions + [t for t in dict.fromkeys(targets.values()) if t not in conditions]
-    cols = [maps[n] for n in names] + [x for o in out.values() for x in (o["image"], o["mask"] * 2 - 1)]
+def save_grid(path: Path, maps: dict[str, torch.Tensor], out: dict, conditions: list[str], rows: int = 4) -> None:
+    """PNG, one sample per row: conditions | per decoder: its learning target, fused output, mask."""
+    cols = [maps[n] for n in conditions]
+    for d, o in out.items():
+        cols += [maps[learns_key(d)], o["image"], o["mask"] * 2 - 1]
     tiles = [c[:rows].detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).expand(-1, 3, -1, -1) for c in cols]
     grid = torch.cat([torch.cat([t[r] for t in tiles], dim=2) for r in range(len(tiles[0]))], dim=1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,14 +427,20 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
     if ckpt is not None:
         saved = json.loads((ckpt / "config.json").read_text())
         check_same_config(ckpt, saved["model"], G.config, "model")
+        check_pairing(ckpt, saved["train"], cfg)
         changed = check_same_config(ckpt, saved["train"], json.loads(json.dumps(config["train"])), "train")
         if changed:
             log.warning("resuming %s with changed train settings %s: the run is no longer exact", ckpt, changed)
         G.load_state_dict(load_file(ckpt / "model.safetensors"))
         D.load_state_dict(load_file(ckpt / "discriminator.safetensors"))
     elif init_from is not None:
-        kept = G.init_from(load_checkpoint(init_from))
-        log.info("initialised from %s; %d tensors kept their own init: %s", init_from, len(kept), kept)
+        source = load_checkpoint(init_from, level="rgb" if G.level == "depth" else None,
+                                 purpose=f"a {G.level}-level run's init_from")
+        kept = G.init_from(source)
+        log.info("initialised G from %s; %d tensors kept their own init: %s", init_from, len(kept), kept)
+        if (Path(init_from) / "discriminator.safetensors").exists():
+            kept = copy_matching(D, load_file(Path(init_from) / "discriminator.safetensors"))
+            log.info("initialised D from %s; %d tensors kept their own init: %s", init_from, len(kept), kept)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     G.to(device, memory_format=fmt)
     D.to(device, memory_format=fmt)
@@ -389,8 +459,7 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         G = DDP(G, device_ids=[device.index] if cuda else None)
         D = DDP(D, device_ids=[device.index] if cuda else None)
 
-    modalities = [m for m in CHANNELS if any(n.endswith("_" + m) for n in [*g.conditions, *g.targets.values()])]
-    pairs = PairDataset(dataset, modalities, aug_cfg, cfg.seed)
+    pairs = PairDataset(dataset, g, aug_cfg, cfg.seed, cfg.shared_geometry)
     if len(pairs) == 0:
         raise ValueError("the training dataset is empty; check the preprocess stage's shards")
     steps_per_epoch = len(epoch_batches(len(pairs), cfg, 0, rank, world))
@@ -422,10 +491,9 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         with csv_path.open("a", newline="") if rank == 0 else contextlib.nullcontext() as f:
             writer = csv.DictWriter(f, CSV_COLUMNS) if rank == 0 else None
             for batch in loader:
-                batch = {k: v.to(device, non_blocking=True, memory_format=fmt) for k, v in batch.items()}
-                maps = named_maps(batch, modalities)
+                maps = {k: v.to(device, non_blocking=True, memory_format=fmt) for k, v in batch.items()}
                 losses, out = train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast)
-                step, seen = step + 1, seen + batch["target"].shape[0] * world
+                step, seen = step + 1, seen + len(next(iter(maps.values()))) * world
                 bar.update(1)
                 if rank == 0:
                     writer.writerow({"step": step, "epoch": epoch, "lr": lr, **losses})
@@ -435,7 +503,7 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
                         log.info("step %d/%d epoch %d lr %.3g G %.4f D %.4f %.2f img/s", step, total, epoch,
                                  lr, losses["G_total"], losses["D_total"], rate)
                     if step % cfg.sample_every == 0 or step == total:
-                        save_grid(samples / f"step-{step:08d}.png", maps, out, g.targets, g.conditions)
+                        save_grid(samples / f"step-{step:08d}.png", maps, out, g.conditions)
                     if step % cfg.checkpoint_every == 0 or step == total:
                         f.flush()
                         checkpoint(work_dir / f"ckpt-{step:08d}")

@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import h5py
 import pandas as pd
 import torch
 
@@ -47,11 +48,15 @@ def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | P
     attrs = [read_attrs(index.parent / s) for s in shards]
     data = {k: _plain(attrs[0].get(k)) for k in ("resolution", "fit", "edge_model", "edge_weights",
                                                   "depth_source", "depth_weights")}
-    data["select"] = select
-    data["n_samples"] = len(idx)
-
     conditions = model_cfg.get("conditions") or DEFAULT_CONDITIONS[model_cfg.get("level", "rgb")]
     modalities = ["image"] + [m for m in ("edge", "depth") if any(c.endswith("_" + m) for c in conditions)]
+    depth_field = choose_depth(train_cfg.get("depth", "depth"), index.parent / shards[0], "depth" in modalities)
+    if depth_field == "depth_sensor":
+        data["depth_source"] = _plain(attrs[0].get("depth_sensor_source", "sensor"))
+        data["depth_weights"] = None
+    data["depth_field"] = depth_field
+    data["select"] = select
+    data["n_samples"] = len(idx)
     key = hashlib.sha256(json.dumps({
         "model": model_cfg, "train": train_cfg, "augment": augment_cfg, "data": data,
         "shards": [a.get("fingerprint") for a in attrs], "ids": sorted(idx["sample_id"]),
@@ -59,13 +64,43 @@ def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | P
     }, sort_keys=True, default=str).encode()).hexdigest()[:16]
     work_dir = work_root / key
     log.info("train: %d samples (%s) from %d shards; work folder %s", len(idx), select, len(shards), work_dir)
-    dataset = ShardDataset(idx, fields=modalities, shard_dir=index.parent)
+    log.info("train: depth maps from the shards' %r array (%s)", depth_field, data["depth_source"])
+    fields = [depth_field if m == "depth" else m for m in modalities]
+    dataset = Renamed(ShardDataset(idx, fields=fields, shard_dir=index.parent), {depth_field: "depth"})
     out = train(dataset, checkpoint, work_dir, model_cfg, train_cfg, augment_cfg, losses_csv=losses,
                 samples_dir=samples, init_from=init_from, data=data)
     for other in work_root.iterdir():  # runs of earlier settings: their outputs are superseded
         if other.is_dir() and other != work_dir:
             shutil.rmtree(other, ignore_errors=True)
     return out
+
+
+def choose_depth(wanted: str, shard: Path, needed: bool) -> str:
+    """The shard array that feeds the model's depth maps: ``depth`` (the preprocess depth source,
+    e.g. Depth Anything: AnomalyHybrid), ``depth_sensor`` (the dataset's sensor depth: AH* on
+    MVTec 3D-AD, paper 003 Sec. 3.3) or ``auto`` (depth_sensor when the shards hold it)."""
+    with h5py.File(shard, "r") as f:
+        have = [k for k in ("depth", "depth_sensor") if k in f]
+    if wanted == "auto":
+        wanted = "depth_sensor" if "depth_sensor" in have else "depth"
+    if needed and wanted not in have:
+        raise ValueError(f"the model's conditions need depth, and the train config's depth: {wanted} asks for "
+                         f"the shards' {wanted!r} array, but {shard} holds only {have or 'no depth'}; choose "
+                         "one it has, or preprocess with a depth_source (depth) / sensor_depth (depth_sensor)")
+    return wanted
+
+
+class Renamed(torch.utils.data.Dataset):
+    """Items of ``base`` with keys renamed (``depth_sensor`` -> ``depth`` for the model)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, names: dict[str, str]) -> None:
+        self.base, self.names = base, names
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        return {self.names.get(k, k): v for k, v in self.base[i].items()}
 
 
 def _plain(v: object) -> object:

@@ -7,6 +7,10 @@ rule generate:
         index="results/shards/index.parquet",
         manifest="results/manifest.parquet",
         checkpoint="results/train/checkpoint",
+        # AnomalyHybrid* turns every generated image into aligned depth and edge anomalies.
+        depth_checkpoint=(
+            "results/train_depth/checkpoint" if config["train_depth"]["enabled"] else []
+        ),
     output:
         # Shards (shard-NNNNN.h5) are written beside the manifest, each whole under a temporary
         # name, and kept when a run fails so that the rerun resumes at the first missing shard;

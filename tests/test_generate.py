@@ -341,3 +341,63 @@ def test_cli_generates_from_two_pngs(tmp_path, model_dir):
     with pytest.raises(ValueError, match="'smash'.*merge, remove, replace, tps"):
         bad.func(bad)
     json.loads((ckpt / "config.json").read_text())  # the checkpoint is read, not rewritten
+
+
+# ----------------------------------------------------------------------------- AH* and noise
+def test_depth_level_checkpoint_adds_aligned_depth_and_edge_anomalies(tmp_path):
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    star = save_tiny_checkpoint(tmp_path / "star", Generator(level="depth", **TINY), data={"depth_field": "depth"},
+                                seed=1)
+    with pytest.raises(ValueError, match=r"depth-level \(AnomalyHybrid\*\) generator, but generate's checkpoint"):
+        generate(star, index, manifest, tmp_path / "x", small_cfg())
+    with pytest.raises(ValueError, match=r"rgb-level \(AnomalyHybrid\) generator, but generate's depth-level"):
+        generate(ckpt, index, manifest, tmp_path / "x", small_cfg(), depth_checkpoint=ckpt)
+    out = tmp_path / "generated"
+    df = generate(ckpt, index, manifest, out, small_cfg(), depth_checkpoint=star)
+    arrays = shard_arrays(out)
+    first = arrays["shard-00000.h5"]
+    assert first["depth_generated"].dtype == np.uint16 and first["depth_generated"].shape == (4, S, S)
+    assert first["edge_generated"].dtype == np.uint8 and first["edge_generated"].shape == (4, S, S)
+    # each depth-level output is AH* on that very RGB image, with the target's unmanipulated maps
+    G_star = load_generator(star, torch.device("cpu"), "depth")
+    inputs = Samples(pd.read_parquet(index), index.parent)
+    for row in df[df["kind"] == "local"].head(2).itertuples():
+        a = arrays[row.shard]
+        image = torch.from_numpy(a["image"][row.index]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        target = inputs[row.target_id]
+        with torch.no_grad():
+            o = G_star(G_star.inputs({"target_image": image, "reference_depth": target["depth"][None],
+                                      "reference_edge": target["edge"][None]}))
+        depth = (a["depth_generated"][row.index].astype(np.float64) / 32767.5 - 1)
+        edge = (a["edge_generated"][row.index].astype(np.float64) / 127.5 - 1)
+        # the stored RGB image is uint8-rounded; AH* saw the float image: small differences only
+        assert np.abs(depth - o["AHD"]["image"][0, 0].numpy()).mean() < 0.02
+        assert np.abs(edge - o["AHE"]["image"][0, 0].numpy()).mean() < 0.02
+
+
+def test_feature_noise_is_drawn_from_the_pair_seed(tmp_path):
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    cfg = {"kinds": ["global"], "global": {"count": 2}}
+    plain = shard_arrays_of(generate(ckpt, index, manifest, tmp_path / "plain", small_cfg(**cfg)), tmp_path / "plain")
+    a = shard_arrays_of(generate(ckpt, index, manifest, tmp_path / "a", small_cfg(**cfg, feature_noise=0.5)),
+                        tmp_path / "a")
+    b = shard_arrays_of(generate(ckpt, index, manifest, tmp_path / "b",
+                                 small_cfg(**cfg, feature_noise=0.5, batch_size=3)), tmp_path / "b")
+    c = shard_arrays_of(generate(ckpt, index, manifest, tmp_path / "c", small_cfg(**cfg, feature_noise=0.5, seed=9)),
+                        tmp_path / "c")
+    np.testing.assert_array_equal(a, b)  # one seed: the same images, whatever the batch
+    assert np.abs(a.astype(int) - plain.astype(int)).mean() > 0.5  # the noise changes the outputs
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 0.5  # another seed, other noise (and pairs)
+    G = load_generator(ckpt, torch.device("cpu"))
+    from hybrid.generate import feature_noise
+
+    n1, n2 = feature_noise(G, 5, 0.5, S, S), feature_noise(G, 6, 0.5, S, S)
+    assert n1.shape == G.feature_shape(S, S) and torch.equal(n1, feature_noise(G, 5, 0.5, S, S))
+    assert not torch.equal(n1, n2) and abs(float(n1.std()) - 0.5) < 0.05
+
+
+def shard_arrays_of(df: pd.DataFrame, out) -> np.ndarray:
+    arrays = shard_arrays(out)
+    return np.stack([arrays[r.shard]["image"][r.index] for r in df.sort_values("sample_id").itertuples()])

@@ -99,8 +99,8 @@ def test_published_checkpoint_loads_and_samples_are_written(tmp_path):
     (row,) = rows(tmp_path / "work" / "losses.csv")
     assert float(row["G_l1"]) > 0 and float(row["G_mask"]) > 0 and float(row["G_vgg"]) == 0
     grid = Image.open(tmp_path / "samples" / "step-00000001.png")
-    # reference | depth | edge | target | AHD out | AHD mask | AHE out | AHE mask, one row per sample
-    assert grid.size == (8 * 32, 2 * 32)
+    # reference | depth | edge | per decoder: its target (A_d, A_e), output, mask; a row per sample
+    assert grid.size == (9 * 32, 2 * 32)
     assert not list(tmp_path.glob(".*"))  # no temporary directories left behind
 
 
@@ -155,3 +155,33 @@ def test_train_config_errors_name_the_key():
         TrainConfig.from_dict({"perceptual": "lpips"})
     assert TrainConfig.from_dict({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)
     assert np.isclose(TrainConfig().lr, 2e-4)
+
+
+def test_resuming_a_shared_geometry_run_under_the_new_pairing_names_the_setting(tmp_path):
+    work = tmp_path / "work"
+    train(Blobs(2), tmp_path / "ckpt", work, MODEL, train_cfg(checkpoint_every=1), AUG, max_steps=1)
+    ckpt = work / "ckpt-00000001"
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["train"]["shared_geometry"]  # a checkpoint from before the per-condition pairing
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"train.shared_geometry=true .*train.shared_geometry=false"):
+        train(Blobs(2), tmp_path / "ckpt", work, MODEL, train_cfg(), AUG)
+    assert load_checkpoint(ckpt).level == "rgb"  # it still loads for generation
+    out = train(Blobs(2), tmp_path / "ckpt", work, MODEL, train_cfg(shared_geometry=True), AUG)  # the ablation
+    assert load_state(out)["step"] == 2
+
+
+def test_depth_level_starts_g_and_d_from_the_rgb_run_and_refuses_the_wrong_level(tmp_path):
+    rgb = train(Blobs(2), tmp_path / "rgb", tmp_path / "w0", MODEL, train_cfg(epochs_decay=1), AUG)
+    star_cfg = {**MODEL, "level": "depth"}
+    star = train(Blobs(2), tmp_path / "star", tmp_path / "w1", star_cfg, train_cfg(epochs_decay=1, lr=1e-12), AUG,
+                 init_from=rgb)
+    d_rgb, d_star = (load_file(p / "discriminator.safetensors") for p in (rgb, star))
+    deep = [k for k in d_star if d_star[k].shape == d_rgb[k].shape]
+    # all but the first conv of each scale (8 -> 6 input channels) match
+    assert set(d_star) - set(deep) == {"scales.0.blocks.0.0.weight", "scales.1.blocks.0.0.weight"}
+    assert all(torch.allclose(d_star[k], d_rgb[k], atol=1e-6) for k in deep)  # copied, then a lr-0 step
+    with pytest.raises(ValueError, match=r"depth-level \(AnomalyHybrid\*\).*rgb-level \(AnomalyHybrid\)"):
+        train(Blobs(2), tmp_path / "again", tmp_path / "w2", star_cfg, train_cfg(epochs_decay=1), AUG, init_from=star)
+    with pytest.raises(ValueError, match=r"depth-level \(AnomalyHybrid\*\) generator, but .* rgb-level"):
+        load_checkpoint(star, level="rgb")

@@ -137,17 +137,25 @@ def test_preprocess_rule_with_pidinet_and_depth_anything(tmp_path):
     assert d.dtype == np.uint16 and (d.reshape(len(d), -1).max(1) == 65535).all()
 
 
-def test_depth_level_generator_trains_from_the_rgb_weights(demo_run):
+def test_depth_level_generator_trains_from_the_rgb_weights_and_generates_aligned_depth(demo_run):
     jobs = scheduled(demo_run, "--config", "train_depth={enabled: true}")
-    assert set(jobs) == {"train_depth", "report", "all"}  # the report shows the config; nothing else is stale
-    snakemake(demo_run, "--cores", "2", "results/train_depth/checkpoint", "--config",
+    # AH* is trained, and generation (and what reads it) now also writes depth-level anomalies
+    assert {"train_depth", "generate"} <= set(jobs) and not {"preprocess", "train"} & set(jobs)
+    snakemake(demo_run, "--cores", "2", "results/generated/manifest.parquet", "--config",
               "train_depth={enabled: true, epochs: 1, epochs_decay: 0}")
     import json
 
     cfg = json.loads((demo_run / "results/train_depth/checkpoint/config.json").read_text())
     assert cfg["model"]["level"] == "depth"
     assert cfg["model"]["conditions"] == ["target_image", "reference_depth", "reference_edge"]
-    assert "initialised from" in (demo_run / "results/logs/train_depth.log").read_text()
+    assert cfg["data"]["depth_field"] == "depth"  # the demo's shards hold no separate sensor depth
+    log = (demo_run / "results/logs/train_depth.log").read_text()
+    assert "initialised G from" in log and "initialised D from" in log
+    shard = sorted((demo_run / "results/generated").glob("shard-*.h5"))[0]
+    with h5py.File(shard) as f:
+        assert f["depth_generated"].dtype == np.uint16 and f["edge_generated"].dtype == np.uint8
+        assert f["depth_generated"].shape == f["image"].shape[:3] == f["edge_generated"].shape
+        assert f.attrs["depth_checkpoint"] == "results/train_depth/checkpoint"
 
 
 def test_fetch_models_rule_collects_what_the_stages_need(demo_run, tmp_path, monkeypatch):

@@ -12,27 +12,55 @@ texture and M = 0 pixels copied from the reference. The conditions are named map
 ``conditions`` order; the ``level`` picks what each decoder fuses and learns:
 
 - ``rgb`` (AnomalyHybrid): conditions reference_image + target_depth + target_edge (5 channels);
-  both groups output RGB with C_in = reference_image and learn the (augmented) target_image.
-  AnomalyFactory-style edge-only: ``decoders=["AHE"], conditions=["reference_image",
-  "target_edge"]`` (4 channels).
+  both groups output RGB with C_in = reference_image. AHD learns the target image under the
+  geometry of the depth condition, AHE under that of the edge condition (paper 003, Sec. 3.4,
+  Eq. 2-4): in training each condition gets its own augmentation, so AHD is taught to follow depth
+  and AHE to follow edges. AnomalyFactory-style edge-only: ``decoders=["AHE"],
+  conditions=["reference_image", "target_edge"]`` (4 channels).
 - ``depth`` (AnomalyHybrid*, Sec. 3.1): conditions target_image + reference_depth +
   reference_edge; AHD outputs depth (C_in = reference_depth, learns target_depth) and AHE edges
-  (C_in = reference_edge, learns target_edge), 1 channel each. Start it from an RGB-level model
-  with :meth:`Generator.init_from` (every tensor whose name and shape match is copied).
+  (C_in = reference_edge, learns target_edge), 1 channel each, both under the geometry of the
+  target image that guides them. Start it from an RGB-level model with :meth:`Generator.init_from`
+  (every tensor whose name and shape match is copied).
+
+:data:`ROLES` is the one place that says, per level and decoder, what is fused (``base``), which
+condition's geometry the decoder follows (``guide``) and what it learns (``learns``, a map taken
+under the guide's augmentation). Training builds its pairs from it.
+
+``forward(x, noise)`` adds ``noise`` (shape :meth:`feature_shape`) to the encoded features before
+the decoders: AnomalyFactory's diversity noise (paper 002, Sec. 3.3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 CHANNELS = {"image": 3, "depth": 1, "edge": 1}
-# level -> decoder -> (C_in condition, learning target)
-ROLES: dict[str, dict[str, tuple[str, str]]] = {
-    "rgb": {"AHD": ("reference_image", "target_image"), "AHE": ("reference_image", "target_image")},
-    "depth": {"AHD": ("reference_depth", "target_depth"), "AHE": ("reference_edge", "target_edge")},
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one decoder does: fuse onto ``base`` (C_in), follow ``guide``, learn ``learns``.
+
+    ``learns`` is taken under the same augmentation draw as ``guide`` in training (the target
+    shares its condition's geometry), while the reference maps get a draw of their own.
+    """
+
+    base: str
+    guide: str
+    learns: str
+
+
+# level -> decoder -> role. The one table that says what each decoder learns.
+ROLES: dict[str, dict[str, Role]] = {
+    "rgb": {"AHD": Role(base="reference_image", guide="target_depth", learns="target_image"),
+            "AHE": Role(base="reference_image", guide="target_edge", learns="target_image")},
+    "depth": {"AHD": Role(base="reference_depth", guide="target_image", learns="target_depth"),
+              "AHE": Role(base="reference_edge", guide="target_image", learns="target_edge")},
 }
 DEFAULT_CONDITIONS = {
     "rgb": ["reference_image", "target_depth", "target_edge"],
@@ -107,9 +135,11 @@ class Generator(nn.Module):
         if not decoders or unknown:
             raise ValueError(f"model decoders {list(decoders)}: use a non-empty subset of {sorted(ROLES[level])}")
         for d in decoders:
-            if ROLES[level][d][0] not in conditions:
-                raise ValueError(f"decoder {d} fuses {ROLES[level][d][0]!r}, which is not among the "
-                                 f"model conditions {conditions}; add it to 'conditions'")
+            role = ROLES[level][d]
+            for what, name in (("fuses", role.base), ("follows", role.guide)):
+                if name not in conditions:
+                    raise ValueError(f"decoder {d} {what} {name!r}, which is not among the model conditions "
+                                     f"{conditions}; add it to model.conditions or drop {d} from model.decoders")
         self.config = {"level": level, "conditions": conditions, "decoders": list(decoders), "ngf": ngf,
                        "n_downsample": n_downsample, "n_blocks": n_blocks}
         self.level, self.conditions, self.decoder_names = level, conditions, list(decoders)
@@ -120,8 +150,11 @@ class Generator(nn.Module):
             start += map_channels(name)
         self.in_channels = start
         self.out_channels = 3 if level == "rgb" else 1
-        self.bases = {d: ROLES[level][d][0] for d in decoders}    # C_in of each decoder
-        self.targets = {d: ROLES[level][d][1] for d in decoders}  # what each decoder learns
+        self.roles = {d: ROLES[level][d] for d in decoders}
+        self.bases = {d: r.base for d, r in self.roles.items()}     # C_in of each decoder
+        self.targets = {d: r.learns for d, r in self.roles.items()}  # what each decoder learns
+        self.n_downsample = n_downsample
+        self.feature_channels = ngf * 2**n_downsample
         self.encoder = make_encoder(self.in_channels, ngf, n_downsample, n_blocks)
         self.decoders = nn.ModuleDict({
             d: nn.ModuleDict({
@@ -138,11 +171,18 @@ class Generator(nn.Module):
             raise KeyError(f"generator conditions {missing} are missing; got maps {sorted(maps)}")
         return torch.cat([maps[c] for c in self.conditions], dim=1)
 
-    def forward(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one sample's encoded features, for :meth:`forward`'s ``noise``."""
+        f = 2**self.n_downsample
+        return self.feature_channels, height // f, width // f
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"generator input has {x.shape[1]} channels, want {self.in_channels} "
                              f"({' + '.join(self.conditions)})")
         h = self.encoder(x)
+        if noise is not None:
+            h = h + noise.to(h.dtype)
         out = {}
         for d, branches in self.decoders.items():
             texture, mask = branches["texture"](h), branches["mask"](h)
@@ -150,17 +190,21 @@ class Generator(nn.Module):
             out[d] = {"image": base * (1 - mask) + texture * mask, "texture": texture, "mask": mask}
         return out
 
-    @torch.no_grad()
     def init_from(self, other: nn.Module) -> list[str]:
         """Copy every tensor of ``other`` whose name and shape match (AnomalyHybrid -> AH*).
 
         Returns the names of this model's tensors that kept their own initialisation.
         """
-        theirs = other.state_dict()
-        kept = []
-        for k, v in self.state_dict().items():
-            if k in theirs and theirs[k].shape == v.shape:
-                v.copy_(theirs[k])
-            else:
-                kept.append(k)
-        return kept
+        return copy_matching(self, other.state_dict())
+
+
+@torch.no_grad()
+def copy_matching(model: nn.Module, theirs: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``theirs`` whose name and shape match into ``model``; return the rest."""
+    kept = []
+    for k, v in model.state_dict().items():
+        if k in theirs and theirs[k].shape == v.shape:
+            v.copy_(theirs[k])
+        else:
+            kept.append(k)
+    return kept

@@ -13,4 +13,5 @@ generate(
     read_manifest(snakemake.input.manifest),  # noqa: F821
     Path(snakemake.output.manifest).parent,  # noqa: F821
     GenerateConfig.from_dict(snakemake.params.generate),  # noqa: F821
+    depth_checkpoint=snakemake.input.get("depth_checkpoint") or None,  # noqa: F821 (train_depth.enabled)
 )
