@@ -4,6 +4,27 @@ Decoding runs in DataLoader workers; edges (PiDiNet or Canny) and depth (Depth A
 the dataset's own sensor depth) are computed in batches on the chosen device. Each shard is
 written whole under a temporary name, and carries a fingerprint of its inputs and settings, so an
 interrupted run resumes at the first shard that is missing or stale.
+
+Where the maps are computed (``maps_at``):
+
+- ``working`` (default): on the image already fitted to the working resolution.
+- ``original`` (the paper, 004 Sec. 6.2): on the decoded original, then fitted to the working
+  resolution with the image's own fit (stretch / crop / pad), so image and maps stay pixel
+  aligned. The stored image is that same original fitted with area interpolation. Edge
+  probabilities (float, 0..1) are area-resized and then quantised to uint8; Depth Anything's
+  float nearness is upsampled to the original size (bicubic, as ``post_process_depth_estimation``),
+  area-resized (a box average: no overshoot; bilinear where an image is smaller than the working
+  size) and only then min-max encoded to uint16, as the working path encodes its final map.
+  "Original" is bounded by ``maps_max_pixels``: a larger image is decoded at the smallest JPEG
+  DCT scale that fits and/or area-resized to fit (``hybrid.data.images.read_capped``); files
+  above ``max_pixels`` are refused in both modes. Originals are batched by size: images of one
+  height x width run together (at most ``batch_size`` images and ``maps_batch_pixels`` pixels a
+  batch), an image whose size is alone runs alone.
+
+Sensor depth (the manifest's ``depth_path``: MVTec 3D-AD xyz, the demo's height maps) is read at
+its own size and fitted like the image, whatever ``maps_at`` says. It fills ``depth`` when
+``depth_source`` is sensor/dataset, and ``depth_sensor`` beside the pseudo depth when
+``sensor_depth`` asks for it (AnomalyHybrid learns from pseudo depth, AH* from sensor depth).
 """
 
 from __future__ import annotations
@@ -21,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.config import check_keys, resolve_device
-from hybrid.data.images import ImageError, read_image, read_mask
+from hybrid.data.images import ImageError, fit, read_capped, read_image, read_mask
 from hybrid.data.shards import build_index, shard_is_current, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.models.depth import sensor_nearness, to_uint16
@@ -30,6 +51,11 @@ log = logging.getLogger(__name__)
 
 EDGE_MODELS = ("pidinet", "pidinet_small", "pidinet_tiny", "canny", "none")
 DEPTH_SOURCES = ("depth_anything_small", "depth_anything_base", "depth_anything_large", "sensor", "dataset", "none")
+SENSOR_SOURCES = ("sensor", "dataset")
+MAPS_AT = ("working", "original")
+SENSOR_DEPTH = ("auto", True, False)
+# Settings that change how fast, never what: left out of the shard fingerprint.
+_RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels")
 
 
 @dataclass
@@ -46,28 +72,76 @@ class PreprocessConfig:
     batch_size: int = 16
     workers: int = 2
     weights: dict[str, str] = field(default_factory=dict)  # store name -> explicit path
+    maps_at: str = "working"  # working | original (see the module docstring)
+    maps_max_pixels: int = 4_194_304  # maps_at original: larger images are reduced to this (2048^2)
+    maps_batch_pixels: int = 16_777_216  # maps_at original: pixels per batch of originals (16 x 1024^2)
+    sensor_depth: str | bool = "auto"  # auto | true | false: also store depth_sensor (see sensor_depth_wanted)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
         cfg = cls(**check_keys(d, cls, "preprocess"))
+        if isinstance(cfg.sensor_depth, str) and cfg.sensor_depth.lower() in ("true", "false"):
+            cfg.sensor_depth = cfg.sensor_depth.lower() == "true"  # from a --config override
         for key, value, choices in (("edge_model", cfg.edge_model, EDGE_MODELS),
                                     ("depth_source", cfg.depth_source, DEPTH_SOURCES),
                                     ("bad_images", cfg.bad_images, ("error", "skip")),
                                     ("device", cfg.device, ("auto", "cpu", "cuda")),
-                                    ("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))):
-            if value not in choices:
+                                    ("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16")),
+                                    ("maps_at", cfg.maps_at, MAPS_AT),
+                                    ("sensor_depth", cfg.sensor_depth, SENSOR_DEPTH)):
+            if not any(value is c or (isinstance(c, str) and value == c) for c in choices):
                 raise ValueError(f"preprocess.{key}: {value!r} is not one of {list(choices)}")
+        if cfg.maps_max_pixels < cfg.resolution ** 2:
+            raise ValueError(f"preprocess.maps_max_pixels: {cfg.maps_max_pixels} is below the working size "
+                             f"{cfg.resolution}x{cfg.resolution}; maps at 'original' size would be smaller than "
+                             "the working ones (raise it, or use maps_at: working)")
+        if cfg.maps_batch_pixels < 1:
+            raise ValueError(f"preprocess.maps_batch_pixels: {cfg.maps_batch_pixels} must be at least 1")
         return cfg
 
 
-class _Decoded(Dataset):
-    """Decodes one manifest row: fitted RGB, mask and sensor depth. Errors come back as data so
-    the main process decides between failing and skipping (exceptions from workers lose type)."""
+def sensor_depth_wanted(manifest: pd.DataFrame, cfg: PreprocessConfig) -> bool:
+    """Whether the shards get a ``depth_sensor`` array (sensor depth beside ``depth``).
 
-    def __init__(self, rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool) -> None:
+    ``false``: never. ``true``: always, and every row needs a ``depth_path`` (the error names the
+    rows without). ``auto``: when every row has a ``depth_path`` (MVTec 3D-AD, a demo or
+    Heliconius run with depth files) and ``depth`` is not itself the sensor depth already.
+    """
+    if cfg.sensor_depth is False:
+        return False
+    has = manifest["depth_path"].notna() if "depth_path" in manifest else pd.Series(False, index=manifest.index)
+    if cfg.sensor_depth is True:
+        if not has.all():
+            missing = manifest.loc[~has, "sample_id"].astype(str).tolist()
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
+            raise ValueError(
+                f"preprocess.sensor_depth: true needs a sensor depth file for every image, but {len(missing)} "
+                f"of {len(manifest)} manifest rows have no depth_path: {shown}. Ingest a layout with depth "
+                "(mvtec_3d; heliconius with depth_dir), or set preprocess.sensor_depth: auto (stored only when "
+                "every image has one) or false")
+        return True
+    return len(manifest) > 0 and bool(has.all()) and cfg.depth_source not in SENSOR_SOURCES
+
+
+def sensor_map(path: str, size: int, how: str) -> np.ndarray:
+    """Sensor nearness (float32) read at its own size and fitted to ``size`` like the image."""
+    if how == "stretch":  # one area resize straight to the square, as it always was
+        return sensor_nearness(path, (size, size))
+    return fit(sensor_nearness(path, None), size, how)
+
+
+class _Decoded(Dataset):
+    """Decodes one manifest row: fitted RGB, mask and sensor depth (as ``depth`` when it is the
+    depth source, as ``depth_sensor`` when stored beside it), and with ``maps_at: original`` the
+    capped original for the map models. Errors come back as data so the main process decides
+    between failing and skipping (exceptions from workers lose type)."""
+
+    def __init__(self, rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool,
+                 store_sensor: bool = False) -> None:
         self.rows = rows.reset_index(drop=True)
         self.cfg = cfg
         self.sensor_depth = sensor_depth
+        self.store_sensor = store_sensor
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -77,14 +151,22 @@ class _Decoded(Dataset):
         c = self.cfg
         out: dict = {"sample_id": r["sample_id"], "error": None, "path": r["image_path"]}
         try:
-            out["image"] = read_image(r["image_path"], c.resolution, c.fit, c.max_pixels)
+            if c.maps_at == "original":
+                out["original"] = read_capped(r["image_path"], c.maps_max_pixels, c.max_pixels)
+                out["image"] = fit(out["original"], c.resolution, c.fit)
+            else:
+                out["image"] = read_image(r["image_path"], c.resolution, c.fit, c.max_pixels)
             if pd.notna(r["mask_path"]):
                 out["mask"] = read_mask(r["mask_path"], c.resolution, c.fit)
-            if self.sensor_depth:
+            if self.sensor_depth or self.store_sensor:
                 if pd.isna(r["depth_path"]):
                     raise ImageError(r["image_path"], "no depth_path for this sample; the depth source "
                                      "'sensor'/'dataset' needs one per image (or choose depth_anything_*)")
-                out["depth"] = to_uint16(sensor_nearness(r["depth_path"], (c.resolution, c.resolution)))
+                d = to_uint16(sensor_map(r["depth_path"], c.resolution, c.fit))
+                if self.sensor_depth:
+                    out["depth"] = d
+                if self.store_sensor:
+                    out["depth_sensor"] = d
         except (ImageError, OSError, ValueError) as e:
             out["error"] = str(e)
         return out
@@ -94,10 +176,22 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def fingerprint(rows: pd.DataFrame, cfg: PreprocessConfig) -> str:
-    """Hash of the settings and of every input file's identity (path, size, mtime)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items()
-                                   if k not in ("device", "batch_size", "workers")}, sort_keys=True).encode())
+def fingerprint(rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool = False) -> str:
+    """Hash of the settings that shape the output and of every input file's identity (path, size,
+    mtime). ``sensor_depth``: whether the shards hold ``depth_sensor`` (``sensor_depth_wanted``).
+
+    Keys added after shards were first written enter the hash only when they change the output
+    (maps_at original, a stored depth_sensor), so shards written before them stay current.
+    """
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in (*_RUNTIME_KEYS, "maps_at", "maps_max_pixels", "sensor_depth")}
+    if cfg.maps_at != "working":
+        settings |= {"maps_at": cfg.maps_at, "maps_max_pixels": cfg.maps_max_pixels}
+    if sensor_depth:
+        settings["depth_sensor"] = True
+    if cfg.fit != "stretch" and (sensor_depth or cfg.depth_source in SENSOR_SOURCES):
+        settings["sensor_fit"] = True  # sensor depth is fitted like the image (it was stretched before)
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for r in rows.itertuples(index=False):
         for p in (r.image_path, r.mask_path, r.depth_path):
             if isinstance(p, str):
@@ -132,6 +226,7 @@ class _Maps:
             self.depth = load_depth_anything(cfg.weights.get(cfg.depth_source, cfg.depth_source), device)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of working-size images (B,H,W,3), encoded for the shards."""
         out: dict[str, np.ndarray] = {}
         batch = torch.from_numpy(images).to(self.device)
         if self.edge is not None:
@@ -142,6 +237,23 @@ class _Maps:
 
             d = predict_depth(self.depth, batch, precision=self.depth_precision)
             out["depth"] = to_uint16(d.cpu().numpy())
+        return out
+
+    def at_original(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of same-size originals (B,H,W,3), computed at that size, then fitted to the working
+        resolution like the image (float maps, area interpolation) and encoded for the shards."""
+        size, how = self.cfg.resolution, self.cfg.fit
+        out: dict[str, np.ndarray] = {}
+        batch = torch.from_numpy(images).to(self.device)
+        if self.edge is not None:
+            e = self.edge(batch).float().clamp(0, 1).cpu().numpy()
+            e = np.stack([fit(m, size, how) for m in e]).clip(0, 1)
+            out["edge"] = np.round(e * np.float32(255)).astype(np.uint8)
+        if self.depth is not None:
+            from hybrid.models.depth import predict_depth
+
+            d = predict_depth(self.depth, batch, precision=self.depth_precision).numpy()
+            out["depth"] = to_uint16(np.stack([fit(m, size, how) for m in d]))
         return out
 
     def attrs(self) -> dict[str, str]:
@@ -158,7 +270,56 @@ class _Maps:
             "edge_weights": source(self.cfg.edge_model) if self.cfg.edge_model.startswith("pidinet") else "",
             "depth_source": self.cfg.depth_source,
             "depth_weights": source(self.cfg.depth_source) if self.depth is not None else "",
+            "maps_at": self.cfg.maps_at,
+            **({"maps_max_pixels": self.cfg.maps_max_pixels} if self.cfg.maps_at == "original" else {}),
         }
+
+
+class _Pending:
+    """Decoded items waiting for their maps, grouped by the size the maps run at; a group runs
+    as one batch when it is full (``run_full``) or whatever it holds (``run_all``)."""
+
+    def __init__(self, maps: _Maps, cfg: PreprocessConfig) -> None:
+        self.maps, self.cfg = maps, cfg
+        self.original = cfg.maps_at == "original"
+        self.groups: dict[tuple[int, int], list[dict]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def add(self, item: dict) -> None:
+        key = item["original" if self.original else "image"].shape[:2]
+        self.groups.setdefault(key, []).append(item)
+
+    def _batch_len(self, key: tuple[int, int]) -> int:
+        if not self.original:
+            return self.cfg.batch_size
+        return max(1, min(self.cfg.batch_size, self.cfg.maps_batch_pixels // (key[0] * key[1])))
+
+    def run_full(self) -> None:
+        for key in list(self.groups):
+            items, n = self.groups[key], self._batch_len(key)
+            while len(items) >= n:
+                self._run(items[:n])
+                del items[:n]
+            if not items:
+                del self.groups[key]
+
+    def run_all(self) -> None:
+        for key, items in self.groups.items():
+            n = self._batch_len(key)
+            for lo in range(0, len(items), n):
+                self._run(items[lo:lo + n])
+        self.groups = {}
+
+    def _run(self, items: list[dict]) -> None:
+        if self.original:
+            maps_out = self.maps.at_original(np.stack([it.pop("original") for it in items]))
+        else:
+            maps_out = self.maps(np.stack([it["image"] for it in items]))
+        for k, it in enumerate(items):
+            for name, arr in maps_out.items():
+                it.setdefault(name, arr[k])
 
 
 def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig) -> pd.DataFrame:
@@ -169,39 +330,48 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    sensor = cfg.depth_source in ("sensor", "dataset")
+    sensor = cfg.depth_source in SENSOR_SOURCES
+    store_sensor = sensor_depth_wanted(manifest, cfg)
     n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
     chunks = [manifest.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in range(n_shards)]
-    prints = [fingerprint(c, cfg) for c in chunks]
+    prints = [fingerprint(c, cfg, store_sensor) for c in chunks]
     todo = [i for i in range(n_shards) if not shard_is_current(out_dir / shard_name(i), prints[i])]
     log.info("preprocess: %d images in %d shards (%d to write, %d kept) on %s",
              len(manifest), n_shards, len(todo), n_shards - len(todo), device)
+    log.info("preprocess: maps at the %s size%s; depth from %s%s", cfg.maps_at,
+             f" (originals above {cfg.maps_max_pixels:,} pixels are reduced to that)" if cfg.maps_at == "original"
+             else "", cfg.depth_source,
+             "; sensor depth stored as depth_sensor" if store_sensor else "")
 
     skipped: list[dict] = _previous_skips(out_dir, {i for i in range(n_shards) if i not in todo})
     if todo:
         maps = _Maps(cfg, device)
-        attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **maps.attrs()}
+        attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **maps.attrs(),
+                        "depth_sensor_source": "sensor" if store_sensor else ""}
         rows = pd.concat([chunks[i] for i in todo])
-        loader = DataLoader(_Decoded(rows, cfg, sensor), batch_size=cfg.batch_size, num_workers=cfg.workers,
-                            collate_fn=_collate)
+        loader = DataLoader(_Decoded(rows, cfg, sensor, store_sensor), batch_size=cfg.batch_size,
+                            num_workers=cfg.workers, collate_fn=_collate)
         owners = [i for i in todo for _ in range(len(chunks[i]))]  # the shard of each decoded row
+        ends = {j for j in range(len(owners)) if j + 1 == len(owners) or owners[j + 1] != owners[j]}
+        pending = _Pending(maps, cfg)
         done, acc = 0, []
         bar = tqdm(total=len(rows), desc="preprocess", unit="img")
         for batch in loader:
-            good = [it for it in batch if it["error"] is None]
             for it in batch:
                 if it["error"] is not None:
                     if cfg.bad_images == "error":
                         raise ImageError(it["path"], it["error"].split(": ", 1)[-1] +
                                          " (or set preprocess.bad_images: skip to leave it out)")
                     log.warning("skipped %s: %s", it["path"], it["error"])
-            maps_out = maps(np.stack([it["image"] for it in good])) if good else {}
-            k = 0
+                else:
+                    pending.add(it)
+            pending.run_full()
+            # Working size: every batch's maps now (one group). Originals wait a while for more
+            # images of their size, but a shard is written only once all of its maps are made.
+            if (not pending.original or len(pending) >= 2 * cfg.batch_size
+                    or any(j in ends for j in range(done, done + len(batch)))):
+                pending.run_all()
             for it in batch:
-                if it["error"] is None:
-                    for name, arr in maps_out.items():
-                        it.setdefault(name, arr[k])
-                    k += 1
                 acc.append(it)
                 done += 1
                 shard = owners[done - 1]
@@ -237,7 +407,7 @@ def _flush(out_dir: Path, i: int, items: list[dict], fp: str, attrs: dict) -> li
                for it in items if it["error"] is not None]
     arrays = {"image": np.stack([it["image"] for it in good])} if good else {
         "image": np.zeros((0, 1, 1, 3), np.uint8)}
-    for name in ("edge", "depth", "mask"):
+    for name in ("edge", "depth", "depth_sensor", "mask"):
         have = [name in it for it in good]
         if good and all(have):
             arrays[name] = np.stack([it[name] for it in good])
@@ -247,5 +417,6 @@ def _flush(out_dir: Path, i: int, items: list[dict], fp: str, attrs: dict) -> li
     strings = {"sample_id": [it["sample_id"] for it in good]}
     if "mask" in arrays:
         strings["has_mask"] = ["1" if "mask" in it else "0" for it in good]
-    write_shard(out_dir / shard_name(i), arrays, strings, {**attrs, "fingerprint": fp, "n_skipped": len(skipped)})
+    write_shard(out_dir / shard_name(i), arrays, strings,
+                {**attrs, "arrays": ",".join(arrays), "fingerprint": fp, "n_skipped": len(skipped)})
     return skipped

@@ -4,6 +4,9 @@ OpenCV decodes (fast, honours EXIF orientation, converts grey, 16-bit, palette a
 colour); Pillow reads only the header first, so that the pixel count is checked before any pixel
 is decoded (a decompression bomb is refused, not an out-of-memory kill) and large JPEGs are
 decoded at 1/2, 1/4 or 1/8 size through OpenCV's reduced modes before the final area resize.
+
+``read_capped`` serves maps computed at the original size (``preprocess.maps_at: original``):
+the whole image, reduced only when it has more pixels than the map models are allowed to see.
 """
 
 from __future__ import annotations
@@ -86,16 +89,35 @@ def _reduction(info: ImageInfo, size: int) -> int:
     return 1
 
 
-def decode(path: str | Path, size: int | None = None, max_pixels: int = 200_000_000) -> np.ndarray:
+def _cap_reduction(info: ImageInfo, cap: int) -> int:
+    """Largest JPEG DCT scale (1, 2, 4, 8) whose decoded size still has at least ``cap`` pixels
+    (1 when the image has at most ``cap``); 1 for other formats, which decode whole."""
+    if info.format != "JPEG" or info.mode == "CMYK":
+        return 1
+    for k in (8, 4, 2):
+        if -(-info.width // k) * -(-info.height // k) >= cap:
+            return k
+    return 1
+
+
+def decode(path: str | Path, size: int | None = None, max_pixels: int = 200_000_000,
+           max_decoded: int | None = None) -> np.ndarray:
     """Decode ``path`` to RGB uint8 (H, W, 3), EXIF orientation applied.
 
     With ``size``, JPEGs whose short side is at least ``2 * size`` are decoded at reduced scale
-    (the result's short side is still >= size). Alpha is composited over white.
+    (the result's short side is still >= size). With ``max_decoded`` instead, JPEGs of more
+    pixels are decoded at the most reduced scale that still has at least that many.
+    Alpha is composited over white.
     """
     path = Path(path)
     info = probe(path, max_pixels)
     has_alpha = info.mode in ("RGBA", "LA", "PA") or (info.mode == "P" and info.format == "PNG")
-    flag = _REDUCED.get(_reduction(info, size), cv2.IMREAD_COLOR) if size else cv2.IMREAD_COLOR
+    if size:
+        flag = _REDUCED.get(_reduction(info, size), cv2.IMREAD_COLOR)
+    elif max_decoded:
+        flag = _REDUCED.get(_cap_reduction(info, max_decoded), cv2.IMREAD_COLOR)
+    else:
+        flag = cv2.IMREAD_COLOR
     buf = np.fromfile(path, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED if has_alpha else flag)
     if img is None:
@@ -144,6 +166,31 @@ def read_image(path: str | Path, size: int | None = None, how: str = "stretch",
     """RGB uint8: the whole image, or fitted to ``size`` x ``size`` when ``size`` is given."""
     img = decode(path, size, max_pixels)
     return fit(img, size, how) if size else img
+
+
+def read_capped(path: str | Path, cap: int, max_pixels: int = 200_000_000) -> np.ndarray:
+    """RGB uint8 at the original size, for maps computed there; ``cap`` bounds its pixels.
+
+    An image of at most ``cap`` pixels comes back whole. A larger one is reduced, aspect kept: a
+    JPEG is first decoded at the most reduced DCT scale (1/2, 1/4, 1/8) that still has at least
+    ``cap`` pixels (memory: the full image is never held; detail: nothing below the cap), then any
+    image above ``cap`` is area-resized to the largest size that fits. Files above
+    ``max_pixels`` are refused as by ``probe``.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be at least 1 pixel, got {cap}")
+    img = decode(path, None, max_pixels, max_decoded=cap)
+    h, w = img.shape[:2]
+    if h * w > cap:
+        s = (cap / (h * w)) ** 0.5
+        nh, nw = max(1, int(h * s)), max(1, int(w * s))
+        while nh * nw > cap:  # float rounding at the boundary: shave the longer side
+            if nh >= nw:
+                nh -= 1
+            else:
+                nw -= 1
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    return img
 
 
 def read_mask(path: str | Path, size: int | None = None, how: str = "stretch") -> np.ndarray:

@@ -195,10 +195,13 @@ def fill_missing(z: np.ndarray) -> np.ndarray:
     return z[iy, ix]
 
 
-def sensor_nearness(path: str | Path, out_size: tuple[int, int]) -> np.ndarray:
+def sensor_nearness(path: str | Path, out_size: tuple[int, int] | None) -> np.ndarray:
     """Sensor depth as nearness (max z - z, larger = nearer), missing pixels filled, resized to
-    ``out_size`` (H,W) with area interpolation; float32, ready for ``to_uint16``."""
+    ``out_size`` (H,W) with area interpolation (None: the sensor's own size); float32, ready for
+    ``to_uint16``."""
     z = fill_missing(read_sensor_depth(path))
     near = np.ascontiguousarray(z.max() - z, dtype=np.float32)
+    if out_size is None:
+        return near
     h, w = out_size
     return cv2.resize(near, (w, h), interpolation=cv2.INTER_AREA)
