@@ -1,10 +1,16 @@
-"""The evaluate stage: Inception Score and cluster LPIPS of the generated images (paper 003, Tables 1, 3, 5).
+"""The evaluate stage: IS, cluster LPIPS and KID of the generated images (paper 003, Tables 1, 3, 5).
 
 Per category and per decoder (AHD, AHE, and both together when there are two), on the generated
-images of the configured kinds (anomalies and hybrids; generated normal images are left out by
-default). IS follows torch-fidelity (:mod:`hybrid.metrics.inception_score`); cluster LPIPS
-(:mod:`hybrid.metrics.cluster_lpips`) uses as centres ``n_centres`` real anomalies (or hybrids) of
-the category, drawn with ``seed`` from the test split of the real shards (paper: 100).
+images of the configured kinds (``auto``: local anomalies for industrial data, whose manifest
+names defect types, as the papers score them; global hybrids and local anomalies otherwise;
+generated normal images are left out by default). IS follows torch-fidelity
+(:mod:`hybrid.metrics.inception_score`); cluster LPIPS (:mod:`hybrid.metrics.cluster_lpips`)
+uses as centres ``n_centres`` real anomalies (or hybrids) of the category, drawn with ``seed``
+from the test split of the real shards (paper: 100): with the industrial protocol, from the eval
+anomalies only (``protocol == "eval"``; the base third fed generation). KID (torch-fidelity's
+definition, :mod:`hybrid.metrics.kid`) compares the generated images with all those real
+anomalies, on the same Inception pool features as IS. Every row carries the metric settings
+(``settings``) next to its numbers, so two runs can be compared.
 
 Feature networks (``weights``): ``real`` loads the registered files through the model store and
 fails with its message when one is missing; ``random`` uses seeded random-weight stand-ins for
@@ -33,7 +39,8 @@ from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.metrics.cluster_lpips import cluster_lpips, lpips_features
-from hybrid.metrics.inception_score import inception_logits, inception_score
+from hybrid.metrics.inception_score import inception_score
+from hybrid.metrics.kid import inception_pool, kid_from_features
 from hybrid.metrics.lpips import LPIPS, NETS, load_lpips
 from hybrid.models import store
 from hybrid.models.inception import InceptionV3Compat, load_inception
@@ -45,7 +52,8 @@ MIN_CENTRES = 2  # fewer real anomalies than this: no cluster LPIPS for the cate
 DECODERS = ("AHD", "AHE")
 MEAN = "(mean)"  # the category name of the rows that average over categories
 COLUMNS = ["category", "decoder", "n_images", "is_mean", "is_std", "is_splits", "lpips", "lpips_std",
-           "n_centres", "n_clusters_used", "is_weights", "lpips_weights", "note"]
+           "n_centres", "n_clusters_used", "kid_mean", "kid_std", "n_real", "is_weights", "lpips_weights", "settings",
+           "note"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class EvaluateConfig:
     weights: str = "auto"  # auto | real | random
     device: str = "auto"  # auto | cpu | cuda[:N]
     batch_size: int = 16
-    kinds: tuple[str, ...] = ("global", "local")  # generated kinds scored
+    kinds: tuple[str, ...] | str = "auto"  # generated kinds scored; auto: [local] industrial, else [global, local]
     is_splits: int = 10
     is_seed: int = 2020
     lpips_net: str = "vgg"  # vgg | alex | squeeze
@@ -64,6 +72,9 @@ class EvaluateConfig:
     n_centres: int = 100
     seed: int = 0
     cache_gib: float = 4.0
+    kid_subsets: int = 100  # torch-fidelity defaults
+    kid_subset_size: int = 1000  # capped at the smaller set
+    kid_seed: int = 2020
     paths: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +82,11 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.weights {self.weights!r}: use auto, real or random")
         if self.lpips_net not in NETS:
             raise ValueError(f"evaluate.lpips_net {self.lpips_net!r}: use one of {sorted(NETS)}")
+        if isinstance(self.kinds, str) and self.kinds != "auto":
+            raise ValueError(f"evaluate.kinds {self.kinds!r}: use auto or a list of generated kinds")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ValueError(f"evaluate: kid_subsets ({self.kid_subsets}) must be >= 1 and kid_subset_size "
+                             f"({self.kid_subset_size}) >= 2")
         if self.n_centres < MIN_CENTRES or self.is_splits < 1 or self.batch_size < 1:
             raise ValueError(f"evaluate: n_centres ({self.n_centres}) must be >= {MIN_CENTRES}, "
                              f"is_splits ({self.is_splits}) and batch_size ({self.batch_size}) >= 1")
@@ -78,7 +94,7 @@ class EvaluateConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> EvaluateConfig:
         d = check_keys(d, cls, "evaluate")
-        if "kinds" in d:
+        if "kinds" in d and not isinstance(d["kinds"], str):
             d["kinds"] = tuple(d["kinds"])
         d["paths"] = dict(d.get("paths") or {})
         return cls(**d)
@@ -182,11 +198,20 @@ def read_images(rows: pd.DataFrame, shard_dir: str | Path) -> np.ndarray:
         ds.close()
 
 
+def real_anomalies(manifest: pd.DataFrame, index: pd.DataFrame, category: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The real test anomalies of ``category`` (manifest rows), the eval part only when the manifest
+    carries the industrial protocol split, and their index rows (sorted by sample id)."""
+    real = manifest[(manifest["category"] == category) & (manifest["split"] == "test") & (manifest["label"] == 1)]
+    if "protocol" in real.columns and (real["protocol"] == "eval").any():
+        real = real[real["protocol"] == "eval"]
+    return real, index[index["sample_id"].isin(real["sample_id"])].sort_values("sample_id").reset_index(drop=True)
+
+
 def sample_centres(manifest: pd.DataFrame, index: pd.DataFrame, category: str, n: int,
                    seed: int) -> tuple[pd.DataFrame, str]:
-    """Up to ``n`` real test anomalies of ``category`` that are in the shards (seeded), and a note."""
-    real = manifest[(manifest["category"] == category) & (manifest["split"] == "test") & (manifest["label"] == 1)]
-    rows = index[index["sample_id"].isin(real["sample_id"])].sort_values("sample_id").reset_index(drop=True)
+    """Up to ``n`` real test anomalies of ``category`` that are in the shards (seeded; the eval part
+    under the industrial protocol), and a note."""
+    real, rows = real_anomalies(manifest, index, category)
     note = ""
     if len(rows) < len(real):
         note = f"{len(real) - len(rows)} real test anomalies of {category} are not in the shards (see preprocess skips)"
@@ -205,6 +230,30 @@ def _fit(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the stage
+def resolve_kinds(kinds: tuple[str, ...] | str, manifest: pd.DataFrame) -> tuple[str, ...]:
+    """``auto``: local anomalies for industrial data (the manifest names defect types), as the
+    papers score them (Tables 1, 5); global hybrids and local anomalies otherwise."""
+    if kinds != "auto":
+        return tuple(kinds)
+    anomalies = manifest[manifest["label"] == 1]
+    industrial = "defect" in manifest.columns and anomalies["defect"].notna().any()
+    return ("local",) if industrial else ("global", "local")
+
+
+def metric_settings(cfg: EvaluateConfig) -> str:
+    """The settings every number depends on, written next to it."""
+    return (f"IS splits={cfg.is_splits} seed={cfg.is_seed}; LPIPS net={cfg.lpips_net} cap={cfg.lpips_cap} "
+            f"min_size={cfg.lpips_min_size} centres={cfg.n_centres} seed={cfg.seed}; KID subsets={cfg.kid_subsets} "
+            f"subset_size={cfg.kid_subset_size} seed={cfg.kid_seed}")
+
+
+def pool_to_logits(pool: np.ndarray, model: InceptionV3Compat) -> np.ndarray:
+    """IS's ``logits_unbiased`` from the pool features (the fc layer without bias), so one Inception
+    pass serves both IS and KID."""
+    w = model.fc.weight.detach().cpu()
+    return torch.from_numpy(pool.astype(np.float32)).mm(w.T).numpy()
+
+
 
 
 def _nan_to_none(obj: object) -> object:
@@ -251,10 +300,11 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
     index = pd.read_parquet(shard_index)
     shard_dir = Path(shard_index).parent
     device = resolve_device(cfg.device)
-    left_out = gen[~gen["kind"].isin(cfg.kinds)]
-    gen = gen[gen["kind"].isin(cfg.kinds)]
+    kinds = resolve_kinds(cfg.kinds, real)
+    left_out = gen[~gen["kind"].isin(kinds)]
+    gen = gen[gen["kind"].isin(kinds)]
     if gen.empty:
-        raise ValueError(f"no generated images of kinds {list(cfg.kinds)} in the generated manifest "
+        raise ValueError(f"no generated images of kinds {list(kinds)} in the generated manifest "
                          f"(it has kinds {sorted(left_out['kind'].unique())}); set evaluate.kinds")
     log.info("evaluate: %d generated images (%s); %d of kinds %s left out", len(gen),
              ", ".join(f"{k} {n}" for k, n in gen["kind"].value_counts().sort_index().items()), len(left_out),
@@ -268,8 +318,19 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
     for category in sorted(gen["category"].astype(str).unique()):
         g = gen[gen["category"] == category].reset_index(drop=True)
         images = read_images(g, generated_dir)
-        logits = inception_logits(images, inception, batch_size=cfg.batch_size, device=device)
+        pool = inception_pool(images, inception, batch_size=cfg.batch_size, device=device, progress=False)
+        logits = pool_to_logits(pool, inception)
         centre_rows, note = sample_centres(real, index, category, cfg.n_centres, cfg.seed)
+        _, real_rows = real_anomalies(real, index, category)
+        real_pool = None
+        if len(real_rows) >= 2:
+            real_images = _fit(read_images(real_rows, shard_dir), images.shape[1:3])
+            real_pool = inception_pool(real_images, inception, batch_size=cfg.batch_size, device=device,
+                                       progress=False)
+        else:
+            why = f"{len(real_rows)} real test anomalies of category {category!r} in the shards; KID needs 2"
+            skipped.append({"category": category, "decoder": "all", "metric": "kid", "reason": why})
+            note = "; ".join(filter(None, [note, f"KID skipped: {why}"]))
         centres = centre_feats = gen_feats = None
         if len(centre_rows) < MIN_CENTRES:
             why = (f"{len(centre_rows)} real test anomalies of category {category!r} in the shards; cluster LPIPS "
@@ -294,29 +355,37 @@ def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str |
                      len(centre_rows) if centres is not None else "no")
             sub_feats = None if gen_feats is None else [f[torch.from_numpy(np.flatnonzero(sel))] for f in gen_feats]
             r = _score(logits[sel], images[sel], centres, metric, cfg, device, centre_feats, sub_feats)
+            r.update(kid_mean=math.nan, kid_std=math.nan, n_real=len(real_rows))
+            if real_pool is not None and sel.sum() >= 2:
+                r["kid_mean"], r["kid_std"] = kid_from_features(pool[sel], real_pool, cfg.kid_subsets,
+                                                                cfg.kid_subset_size, seed=cfg.kid_seed)
             row_note = note
             if centres is not None and math.isnan(r["lpips"]):
                 why = f"no cluster reached lpips_min_size={cfg.lpips_min_size} members"
                 skipped.append({"category": category, "decoder": decoder, "metric": "lpips", "reason": why})
                 row_note = "; ".join(filter(None, [note, why]))
             rows.append({"category": category, "decoder": decoder, **r, "is_weights": is_weights,
-                         "lpips_weights": lpips_weights, "note": row_note})
+                         "lpips_weights": lpips_weights, "settings": metric_settings(cfg), "note": row_note})
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     means = []
     for decoder, part in table.groupby("decoder", sort=False):
         means.append({"category": MEAN, "decoder": decoder, "n_images": int(part["n_images"].sum()),
                       "is_mean": part["is_mean"].mean(), "is_std": math.nan, "lpips": part["lpips"].mean(),
-                      "lpips_std": math.nan, "is_weights": is_weights, "lpips_weights": lpips_weights,
-                      "note": f"mean over {len(part)} categories (LPIPS over {int(part['lpips'].notna().sum())})"})
+                      "lpips_std": math.nan, "kid_mean": part["kid_mean"].mean(), "kid_std": math.nan,
+                      "n_real": int(part["n_real"].sum()), "is_weights": is_weights, "lpips_weights": lpips_weights,
+                      "settings": metric_settings(cfg),
+                      "note": f"mean over {len(part)} categories (LPIPS over {int(part['lpips'].notna().sum())}, "
+                              f"KID over {int(part['kid_mean'].notna().sum())})"})
     table = pd.concat([table, pd.DataFrame(means)], ignore_index=True).reindex(columns=COLUMNS)
-    for c in ("n_images", "is_splits", "n_centres", "n_clusters_used"):
+    for c in ("n_images", "is_splits", "n_centres", "n_clusters_used", "n_real"):
         table[c] = table[c].astype("Int64")
 
     result = {
         "stage": "evaluate",
         "weights": {"inception_score": is_weights, "lpips": lpips_weights},
         "lpips_net": cfg.lpips_net,
-        "kinds": list(cfg.kinds),
+        "kinds": list(kinds),
+        "settings": metric_settings(cfg),
         "kinds_left_out": {str(k): int(n) for k, n in left_out["kind"].value_counts().items()},
         "rows": [{k: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v) for k, v in r.items()}
                  for r in table.to_dict("records")],

@@ -18,6 +18,13 @@ maps, so the depth anomaly lands where the RGB anomaly is. Its AHD output is sto
 ``feature_noise`` adds AnomalyFactory's diversity noise (paper 002, Sec. 3.3) to the encoded
 features, drawn from each pair's seed.
 
+Industrial protocol (paper 003, Sec. 3.5 and 4.1): ``local.source: base`` pairs base-set anomalies
+(the manifest's ``protocol == "base"`` rows: the first third of each defect type's test anomalies)
+of one category and defect type, and the region is the union of their real ground-truth masks
+(the reference's after flip / resize / crop, :func:`hybrid.manipulate.mask_region`); every
+output records its ``defect``. ``count`` pairs per category are spread over its defect types in
+turn. A defect type with a single base image pairs it with itself (its mask and its moved mask).
+
 Pairs per kind: ``random`` (reference and target drawn from the same category and equal
 ``match`` columns), ``groups`` (all pairs between two filtered groups of the manifest, both
 directions) or ``explicit`` ([reference_id, target_id] lists). Each pair carries its own seed, so
@@ -58,9 +65,11 @@ log = logging.getLogger(__name__)
 
 KINDS = ("global", "local", "normal")
 STRATEGIES = ("random", "groups", "explicit")
+SOURCES = ("select", "base")
 MANIFEST_COLUMNS = ["sample_id", "shard", "index", "pair_id", "reference_id", "target_id", "decoder",
-                    "manipulation", "category", "kind", "label"]
-_STRINGS = ["sample_id", "pair_id", "reference_id", "target_id", "decoder", "manipulation", "category", "kind"]
+                    "manipulation", "category", "defect", "kind", "label"]
+_STRINGS = ["sample_id", "pair_id", "reference_id", "target_id", "decoder", "manipulation", "category", "defect",
+            "kind"]
 
 
 @dataclass
@@ -73,8 +82,11 @@ class PairingConfig:
     groups: list[list[dict]] = field(default_factory=list)  # groups: [[filter A, filter B], ...]
     both_directions: bool = True  # groups: B x A as well as A x B
     pairs: list[list[str]] = field(default_factory=list)  # explicit: [[reference_id, target_id], ...]
+    source: str = "select"  # select: generate.select rows, drawn regions | base: base-set defects, their masks
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"generate source {self.source!r}: use one of {list(SOURCES)}")
         if self.pairing not in STRATEGIES:
             raise ValueError(f"generate pairing {self.pairing!r}: use one of {list(STRATEGIES)}")
         if self.count < 0:
@@ -143,6 +155,7 @@ class Job:
     target_id: str
     manipulation: str  # "none" for global and normal
     seed: int
+    defect: str = ""  # base-set pairs: the defect type; their region comes from the real masks
 
     @property
     def pair_id(self) -> str:
@@ -216,17 +229,44 @@ def plan_jobs(rows: pd.DataFrame, cfg: GenerateConfig) -> list[Job]:
         if kind not in cfg.kinds:
             continue
         pc = cfg.pairings[kind]
-        pairs = pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki))
+        if pc.source == "base":
+            pairs = base_pairs(rows, pc, _seed(cfg.seed, ki), kind)
+        else:
+            pairs = [(r, t, c, "") for r, t, c in
+                     pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki))]
         counter: dict[str, int] = {}
-        for ref, tgt, c in pairs:
+        for ref, tgt, c, defect in pairs:
             n = counter[c] = counter.get(c, -1) + 1
             s = _seed(cfg.seed, ki, zlib.crc32(c.encode()), n)
             manip = "none"
             if kind == "local":
                 names = cfg.manipulate.manipulations
                 manip = names[int(_rng(s, 1).integers(len(names)))]
-            jobs.append(Job(kind, c, n, ref, tgt, manip, s))
+            jobs.append(Job(kind, c, n, ref, tgt, manip, s, defect))
     return jobs
+
+
+def base_pairs(rows: pd.DataFrame, cfg: PairingConfig, seed: int, kind: str) -> list[tuple[str, str, str, str]]:
+    """(reference_id, target_id, category, defect): ``cfg.count`` pairs per category of base-set
+    anomalies of one defect type, the defect types taken in turn, each pair drawn with the seed."""
+    if "protocol" not in rows.columns or not (rows["protocol"] == "base").any():
+        raise ValueError(f"generate.{kind}.source: base needs base-set anomalies (the manifest's protocol column, "
+                         "set at ingest for layouts with defect types: mvtec_ad, mvtec_3d, mvtec_loco, visa, "
+                         f"folder with defect folders); this manifest has none. Use generate.{kind}.source: select")
+    base = rows[rows["protocol"] == "base"].assign(category=lambda d: d["category"].astype(str),
+                                                   defect=lambda d: d["defect"].astype(str))
+    out = []
+    for c, sub in base.groupby("category", sort=True):
+        groups = {d: g["sample_id"].astype(str).tolist() for d, g in sub.groupby("defect", sort=True)}
+        defects = sorted(groups)
+        rng = _rng(seed, zlib.crc32(c.encode()))
+        for n in range(cfg.count):
+            d = defects[n % len(defects)]
+            ids = groups[d]
+            t = int(rng.integers(len(ids)))
+            r = (t + 1 + int(rng.integers(len(ids) - 1))) % len(ids) if len(ids) > 1 else t
+            out.append((ids[r], ids[t], c, d))
+    return out
 
 
 def _seed(*parts: int) -> int:
@@ -254,18 +294,20 @@ def load_generator(checkpoint: str | Path, device: torch.device, level: str = "r
 
 
 def conditions(reference: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], manipulation: str,
-               seed: int, cfg: ManipulateConfig) -> dict[str, torch.Tensor]:
+               seed: int, cfg: ManipulateConfig,
+               masks: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """The named maps of one pair: ``reference_*`` as given, ``target_edge``/``target_depth`` as fed
     (manipulated inside the region for a local anomaly) and ``region`` (1, H, W) bool.
 
     Items hold ``image`` (3, H, W) and ``edge``/``depth`` (1, H, W) in [-1, 1]. ``manipulation``:
     "none" (global / normal) or a manipulation name, drawn with ``np.random.default_rng(seed)``.
+    ``masks`` (target, reference) (H, W): the region comes from these real defect masks.
     """
     if manipulation == "none":
         maps = {k: v for k, v in target.items() if k in MANIPULATED}
         region = torch.zeros(1, *target["image"].shape[-2:], dtype=torch.bool)
     else:
-        maps, region = local_anomaly(target, reference, manipulation, np.random.default_rng(seed), cfg)
+        maps, region = local_anomaly(target, reference, manipulation, np.random.default_rng(seed), cfg, masks)
     return {**{f"reference_{k}": v for k, v in reference.items()}, **{f"target_{k}": v for k, v in maps.items()},
             "region": region.cpu()}
 
@@ -427,6 +469,17 @@ class Samples:
     def raw(self, sample_id: str) -> dict:
         return self.data[self.pos[sample_id]]
 
+    def mask(self, sample_id: str) -> np.ndarray:
+        """The sample's ground-truth mask (H, W) bool; a clear error when the shards hold none."""
+        row = self.data.index.iloc[self.pos[sample_id]]
+        f = self.data._file(row["shard"])
+        has = f["has_mask"].asstr()[int(row["index"])] == "1" if "has_mask" in f else "mask" in f
+        if "mask" not in f or not has:
+            raise ValueError(f"base-set anomaly {sample_id} has no ground-truth mask in {row['shard']}; defect-aware "
+                             "local anomalies take their regions from the masks (check the dataset's mask files, "
+                             "or use generate.local.source: select)")
+        return f["mask"][int(row["index"])] > 127
+
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
         item = self.raw(sample_id)
         out = {k: to_unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
@@ -450,7 +503,8 @@ class PairConditions(torch.utils.data.Dataset):
         ref, tgt = self.samples[j.reference_id], self.samples[j.target_id]
         star_depth = tgt.pop("star_depth", None)
         ref.pop("star_depth", None)
-        item = conditions(ref, tgt, j.manipulation, j.seed, self.cfg)
+        masks = (self.samples.mask(j.target_id), self.samples.mask(j.reference_id)) if j.defect else None
+        item = conditions(ref, tgt, j.manipulation, j.seed, self.cfg, masks)
         if star_depth is not None:  # AH*'s reference maps: the target's unmanipulated depth and edge
             item |= {"source_depth": star_depth, "source_edge": tgt["edge"]}
         if self.noise:
@@ -489,7 +543,8 @@ def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cf
                     arrays["edge_generated"].append(to_uint8(out[d]["edge_generated"][k:k + 1])[0])
                 for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
                                    ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
-                                   ("manipulation", j.manipulation), ("category", j.category), ("kind", j.kind)):
+                                   ("manipulation", j.manipulation), ("category", j.category),
+                                   ("defect", j.defect), ("kind", j.kind)):
                     strings[key].append(value)
         done += len(region)
         bar.update(len(region) * len(G.decoder_names))
@@ -521,10 +576,12 @@ def read_generated(shards: Sequence[Path]) -> pd.DataFrame:
     frames = []
     for p in shards:
         with h5py.File(p, "r") as f:
-            df = pd.DataFrame({k: f[k].asstr()[:] for k in _STRINGS})
+            n = len(f["sample_id"])
+            df = pd.DataFrame({k: f[k].asstr()[:] if k in f else [""] * n for k in _STRINGS})
         frames.append(df.assign(shard=p.name, index=np.arange(len(df), dtype=np.int64)))
     df = pd.concat(frames, ignore_index=True)
     df["label"] = (df["kind"] != "normal").astype("int8")
+    df["defect"] = df["defect"].replace("", None)
     return df[MANIFEST_COLUMNS].astype({c: "string" for c in _STRINGS})
 
 

@@ -12,6 +12,13 @@ reach the generator (Fig. 2a, Fig. 5, Table 7):
   SAM) are drawn inside the object foreground, the pixels nearer than the background in depth or
   unlike the border colour, and the union is cut to the target's foreground: anomalies land on
   the object.
+- Region from real defects (industrial protocol, Sec. 3.5: "the local anomaly regions are the
+  combination of augmented anomaly regions of reference and target images. The augmentation
+  basically consists of resize, flip and crop"): reference and target are base-set anomalies of
+  one defect type; the region is the target's ground-truth mask united with the reference's mask
+  moved into the target frame by the reference's flip / resize / crop (the affine that also moves
+  the reference's maps), dilated by ``mask_dilation`` pixels. The target mask stays where it is,
+  so the region covers the target's own defect, which its maps still show.
 - ``merge``: reference and target combined (edges: maximum; depth: a random blend).
 - ``remove``: edges cleared (-1) and depth set to the background (median on the image border):
   holes, cracks, cuts.
@@ -62,6 +69,7 @@ class ManipulateConfig:
     reference_flip: float = 0.5  # probability of each flip (left-right, top-bottom)
     merge_weight: tuple[float, float] = (0.3, 0.7)  # weight of the target depth in a merge
     tps_shift: float = 0.12  # max TPS control-point shift, fraction of the region's box side
+    mask_dilation: int = 0  # pixels added around a region made of real defect masks
 
     def __post_init__(self) -> None:
         self.manipulations = list(self.manipulations)
@@ -84,6 +92,8 @@ class ManipulateConfig:
                              "must allow at least one")
         if self.foreground not in FOREGROUNDS:
             raise ValueError(f"manipulate.foreground {self.foreground!r}: use one of {list(FOREGROUNDS)}")
+        if self.mask_dilation < 0:
+            raise ValueError(f"manipulate.mask_dilation must be >= 0 pixels, got {self.mask_dilation}")
         for name in ("object_aware", "reference_flip", "merge_weight"):
             v = getattr(self, name)
             if not all(0 <= x <= 1 for x in (v if isinstance(v, tuple) else (v,))):
@@ -256,6 +266,21 @@ def sample_region(target: Mapping[str, torch.Tensor], reference: Mapping[str, to
     return region, affine
 
 
+def mask_region(target_mask: np.ndarray, reference_mask: np.ndarray, rng: np.random.Generator,
+                cfg: ManipulateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The region of a defect-aware local anomaly: the target's mask united with the reference's
+    mask after the reference's flip / resize / crop, dilated by ``cfg.mask_dilation`` pixels;
+    and that affine (2, 3), which moves the reference's maps alike."""
+    h, w = target_mask.shape
+    affine = reference_affine(h, w, rng, cfg)
+    region = target_mask.astype(bool) | warp(reference_mask.astype(bool), affine, nearest=True)
+    if cfg.mask_dilation and region.any():  # a Euclidean disc: nothing farther than mask_dilation px
+        r = cfg.mask_dilation
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        region = cv2.dilate(region.astype(np.uint8), (xx * xx + yy * yy <= r * r).astype(np.uint8)) > 0
+    return region, affine
+
+
 # ----------------------------------------------------------------------------- manipulations
 def _inside(target: Maps, new: Maps, region: torch.Tensor) -> Maps:
     return {k: torch.where(region, new[k], target[k]) for k in target}
@@ -317,15 +342,21 @@ MANIPULATIONS: dict[str, Manipulation] = {"merge": merge, "remove": remove, "rep
 
 
 def local_anomaly(target: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], manipulation: str,
-                  rng: np.random.Generator, cfg: ManipulateConfig) -> tuple[Maps, torch.Tensor]:
+                  rng: np.random.Generator, cfg: ManipulateConfig,
+                  masks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Maps, torch.Tensor]:
     """Manipulated target maps (``edge``/``depth``, those present) and the region (1, H, W) bool.
 
     ``target`` and ``reference`` hold ``image`` (3, H, W) and ``edge``/``depth`` (1, H, W) in [-1, 1].
+    ``masks`` = (target mask, reference mask) (H, W): the region comes from these real defects
+    (:func:`mask_region`) instead of drawn shapes.
     """
     fn = MANIPULATIONS[check_manipulation(manipulation)]
     maps = {k: v for k, v in target.items() if k in MANIPULATED}
     if not maps:
         raise ValueError(f"a local anomaly edits edge or depth maps, but the target has only {sorted(target)}")
-    region_np, affine = sample_region(target, reference, rng, cfg)
+    if masks is not None:
+        region_np, affine = mask_region(masks[0], masks[1], rng, cfg)
+    else:
+        region_np, affine = sample_region(target, reference, rng, cfg)
     region = torch.from_numpy(region_np)[None].to(next(iter(maps.values())).device)
     return fn(maps, align_reference(reference, affine), region, rng, cfg), region

@@ -58,9 +58,14 @@ def test_scores_per_category_and_decoder_with_stand_ins_recorded(tmp_path, model
     # melpomene has one real hybrid: no cluster LPIPS, and the outputs say why.
     assert t.loc[("melpomene", "both"), "lpips"] != t.loc[("melpomene", "both"), "lpips"]  # NaN
     assert "LPIPS skipped" in t.loc[("melpomene", "AHD"), "note"]
-    (skip,) = result["skipped"]
+    kid_skip, skip = result["skipped"]
     assert skip["category"] == "melpomene" and skip["metric"] == "lpips"
     assert "1 real test anomalies" in skip["reason"] and "at least 2" in skip["reason"]
+    assert kid_skip["category"] == "melpomene" and kid_skip["metric"] == "kid"
+    # KID against erato's real test anomalies; the settings of every number beside it
+    assert (scored.loc[scored["category"] == "erato", "kid_mean"].notna()).all()
+    assert t.loc[("erato", "both"), "n_real"] == 5 and table["kid_mean"].iloc[3:6].isna().all()
+    assert (table["settings"] == result["settings"]).all() and "LPIPS net=vgg cap=" in result["settings"]
     assert t.loc[("(mean)", "both"), "lpips"] == pytest.approx(t.loc[("erato", "both"), "lpips"])
 
     # Which weights produced each number: stand-ins here (empty model dir), with a warning in the log.
@@ -115,3 +120,23 @@ def test_config_refuses_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="auto, real or random"):
         EvaluateConfig.from_dict({"weights": "pretrained"})
     assert EvaluateConfig.from_dict({"kinds": ["local"]}).kinds == ("local",)
+
+
+def test_industrial_protocol_scores_local_anomalies_against_eval_anomalies_only(tmp_path, model_dir):
+    real = make_real(tmp_path)
+    manifest = pd.read_parquet(real["manifest"])
+    anomalies = (manifest["split"] == "test") & (manifest["label"] == 1)
+    manifest["defect"] = manifest["defect"].astype("string").where(~anomalies, "scratch")
+    first = manifest[anomalies & (manifest["category"] == "erato")]["sample_id"].sort_values().iloc[0]
+    manifest["protocol"] = pd.Series(pd.NA, index=manifest.index, dtype="string").where(
+        ~anomalies, np.where(manifest["sample_id"] == first, "base", "eval"))
+    gen = make_generated(tmp_path, per_decoder={"erato": 3})
+    out = tmp_path / "results" / "metrics"
+    gen_df = pd.read_parquet(gen)
+    gen_df["kind"] = np.where(gen_df["kind"] == "global", "local", gen_df["kind"])
+    result = evaluate(gen_df, gen.parent, manifest, real["index"], out, {"weights": "random", **TINY, "n_centres": 10})
+    assert result["kinds"] == ["local"]  # auto: industrial data is scored on its local anomalies
+    centres = result["centres"]["erato"]
+    assert first not in centres and len(centres) == 4  # the base third fed generation: never a centre
+    table = pd.read_parquet(out / "evaluate.parquet").set_index(["category", "decoder"])
+    assert table.loc[("erato", "AHD"), "n_real"] == 4 and np.isfinite(table.loc[("erato", "AHD"), "kid_mean"])

@@ -401,3 +401,57 @@ def test_feature_noise_is_drawn_from_the_pair_seed(tmp_path):
 def shard_arrays_of(df: pd.DataFrame, out) -> np.ndarray:
     arrays = shard_arrays(out)
     return np.stack([arrays[r.shard]["image"][r.index] for r in df.sort_values("sample_id").itertuples()])
+
+
+# ----------------------------------------------------------------------------- industrial protocol
+def make_defect_dataset(root):
+    """Base-set anomalies of two defect types per category, with real masks in the shards."""
+    rng = np.random.default_rng(3)
+    rows, images, edges, depths, masks, ids = [], [], [], [], [], []
+    for c in ("bottle", "nut"):
+        for defect, n in (("crack", 3), ("hole", 1)):
+            for i in range(n):
+                s, _ = scene(rng)
+                m = np.zeros((S, S), np.uint8)
+                y, x = rng.integers(6, 20, 2)
+                m[y:y + 6, x:x + 8] = 255
+                sid = f"{c}/test/{defect}/{i:03d}"
+                rows.append({"sample_id": sid, "dataset": "test", "category": c, "split": "test", "label": 1,
+                             "defect": defect, "image_path": f"/data/{sid}.png", "mask_path": f"/data/{sid}_mask.png"})
+                ids.append(sid)
+                images.append(((s["image"].transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8))
+                edges.append(((s["edge"] + 1) * 127.5).round().astype(np.uint8))
+                depths.append(((s["depth"] + 1) * 32767.5).round().astype(np.uint16))
+                masks.append(m)
+    shard_dir = root / "shards"
+    write_shard(shard_dir / "shard-00000.h5", {"image": np.stack(images), "edge": np.stack(edges),
+                                               "depth": np.stack(depths), "mask": np.stack(masks)},
+                {"sample_id": ids, "has_mask": ["1"] * len(ids)}, {"resolution": S})
+    build_index([shard_dir / "shard-00000.h5"]).to_parquet(shard_dir / "index.parquet")
+    manifest = make_manifest(rows, "test").assign(protocol="base")
+    return shard_dir / "index.parquet", manifest, dict(zip(ids, masks))
+
+
+def test_base_source_pairs_one_defect_type_and_takes_the_region_from_the_real_masks(tmp_path):
+    from hybrid.manipulate import mask_region
+
+    index, manifest, masks = make_defect_dataset(tmp_path)
+    cfg = small_cfg(kinds=["local"], local={"count": 5, "source": "base"}, manipulate={"mask_dilation": 1})
+    jobs = plan_jobs(manifest, cfg)
+    assert [(j.category, j.defect) for j in jobs] == [(c, d) for c in ("bottle", "nut")
+                                                      for d in ("crack", "hole", "crack", "hole", "crack")]
+    for j in jobs:
+        assert j.reference_id.split("/")[2] == j.target_id.split("/")[2] == j.defect
+        assert (j.reference_id != j.target_id) == (j.defect == "crack")  # a lone hole pairs with itself
+    df = generate(save_tiny_checkpoint(tmp_path / "ckpt"), index, manifest, tmp_path / "gen", cfg)
+    assert df["defect"].tolist() == [j.defect for j in jobs for _ in ("AHD", "AHE")]
+    arrays = shard_arrays(tmp_path / "gen")
+    for j in jobs:
+        row = df[(df["pair_id"] == j.pair_id) & (df["decoder"] == "AHD")].iloc[0]
+        region = arrays[row["shard"]]["region"][row["index"]] > 0
+        expect, _ = mask_region(masks[j.target_id] > 0, masks[j.reference_id] > 0, np.random.default_rng(j.seed),
+                                cfg.manipulate)
+        np.testing.assert_array_equal(region, expect)
+        assert region[masks[j.target_id] > 0].all()  # the target's own defect is always covered
+    with pytest.raises(ValueError, match="source: base needs base-set anomalies"):
+        plan_jobs(manifest.drop(columns="protocol"), cfg)

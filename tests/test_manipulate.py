@@ -1,4 +1,5 @@
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 
@@ -161,3 +162,23 @@ def test_unknown_manipulation_names_it_and_lists_the_valid_ones():
         ManipulateConfig.from_dict({"manipulations": ["merge", "crack"]})
     with pytest.raises(ValueError, match="unknown manipulate config key"):
         ManipulateConfig.from_dict({"areas": [0.1, 0.2]})
+
+
+def test_mask_region_is_the_union_of_both_masks_after_their_transforms_and_nothing_else():
+    from hybrid.manipulate import mask_region, reference_affine, warp
+
+    h, w = 40, 48
+    target, reference = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    target[5:12, 6:20] = True
+    reference[25:33, 30:36] = True
+    cfg = ManipulateConfig(reference_shift=0.1, reference_flip=0.5)
+    for seed in range(5):
+        region, affine = mask_region(target, reference, np.random.default_rng(seed), cfg)
+        np.testing.assert_array_equal(affine, reference_affine(h, w, np.random.default_rng(seed), cfg))
+        moved = warp(reference, affine, nearest=True)
+        assert moved.any()
+        np.testing.assert_array_equal(region, target | moved)
+    grown, _ = mask_region(target, reference, np.random.default_rng(0), ManipulateConfig(mask_dilation=2))
+    exact, _ = mask_region(target, reference, np.random.default_rng(0), ManipulateConfig())
+    dist = ndimage.distance_transform_edt(~exact)
+    assert (grown >= exact).all() and grown[dist > 2].sum() == 0 and grown[(dist > 0) & (dist <= 1)].all()
