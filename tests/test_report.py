@@ -142,3 +142,38 @@ def test_report_without_classify_says_why(tmp_path):
     text, page = run(tmp_path, with_classify=False)
     assert set(page.sections) == SECTIONS
     assert "not part of this run" in text and "SignalHybrid" not in page.cells
+
+
+def test_industrial_tables_beside_the_published_numbers(tmp_path):
+    """Defect accuracy per decoder (Tables 1 / 5) and per manipulation (Table 7), KID, the paper's means."""
+    from hybrid.stages.classify_defects import COLUMNS as DEFECT_COLUMNS
+
+    real = make_real(tmp_path)
+    metrics = tmp_path / "results" / "metrics"
+    metrics.mkdir(parents=True)
+    evaluate_json(metrics / "evaluate.json")
+    ev = json.loads((metrics / "evaluate.json").read_text())
+    ev["kinds"] = ["local"]
+    for r in ev["rows"]:
+        r["kid_mean"] = 0.0123
+    (metrics / "evaluate.json").write_text(json.dumps(ev))
+    rows = [{**dict.fromkeys(DEFECT_COLUMNS), "category": c, "variant": v, "manipulation": m,
+             "accuracy": 0.5 + 0.1 * i, "n_train": 10, "n_test": 4}
+            for c in ("bottle", "(mean)") for i, v in enumerate(("AHD", "AHE", "both")) for m in ("all", "merge")]
+    rows.append({**dict.fromkeys(DEFECT_COLUMNS), "category": "pill", "variant": "all", "manipulation": "all",
+                 "note": "1 generated defect type(s) (crack); classification needs 2"})
+    (metrics / "classify_defects.json").write_text(json.dumps({
+        "weights": STAND_IN, "rows": rows, "config": {"arch": "resnet34", "epochs": 30},
+        "skipped": [{"category": "pill", "reason": "1 generated defect type(s) (crack); classification needs 2"}]}))
+    out = build_report(tmp_path / "index.html", config=yaml.safe_load(REPO_CONFIG.read_text()),
+                       manifest=real["manifest"], evaluate_json=metrics / "evaluate.json",
+                       classify_defects_json=metrics / "classify_defects.json")
+    text = out.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    assert "defects" in page.sections
+    assert {"50.0", "60.0", "70.0"} <= set(page.cells)  # accuracy (%) per decoder
+    assert {"47.4", "48.4", "52.6"} <= set(page.cells)  # paper 003's per-decoder accuracies beside ours
+    assert "1.716 / 0.32 / 81.6" in page.cells  # Table 7, merge
+    assert "2.06 / 0.32" in page.cells and "0.0123" in page.cells  # Table 1 mean; KID
+    assert "classification needs 2" in text and "pill" in page.cells

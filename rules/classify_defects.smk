@@ -1,0 +1,43 @@
+# Classify defects: a ResNet-34 trained on the generated local anomalies of each decoder (labelled
+# with the defect type they were generated from) classifies the real eval anomalies (paper 003,
+# Tables 5 and 7). Needs the industrial protocol (generate.local.source: base); on by default for
+# industrial layouts (classify_defects.enabled: auto, see stage_enabled in rules/baselines.smk).
+
+
+CLASSIFY_DEFECTS_OUTPUTS = (
+    {
+        "json": "results/metrics/classify_defects.json",
+        "table": "results/metrics/classify_defects.parquet",
+    }
+    if stage_enabled("classify_defects")
+    else {}
+)
+
+
+if CLASSIFY_DEFECTS_OUTPUTS:
+
+    rule classify_defects:
+        input:
+            generated="results/generated/manifest.parquet",
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+        output:
+            json=CLASSIFY_DEFECTS_OUTPUTS["json"],
+            table=CLASSIFY_DEFECTS_OUTPUTS["table"],
+        params:
+            classify_defects=config["classify_defects"],
+            weights=model_paths(),
+            code=code_hash("hybrid.stages.classify_defects"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=240,
+            gpu=0 if config["classify_defects"].get("device", "auto") == "cpu" else 1,
+        benchmark:
+            "results/benchmarks/classify_defects.tsv"
+        log:
+            "results/logs/classify_defects.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/classify_defects.py"
