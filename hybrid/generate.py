@@ -671,21 +671,27 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
         manipulation = cfg.manipulations[int(np.random.default_rng(seed).integers(len(cfg.manipulations)))]
     elif manipulation != "none":
         check_manipulation(manipulation)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the outputs")
+    if not (Path(checkpoint) / "config.json").exists():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json); point --checkpoint "
+                                "at a train stage's checkpoint/ folder, e.g. results/train/checkpoint")
     data = {**DEFAULT_DATA, **json.loads((Path(checkpoint) / "config.json").read_text()).get("data", {})}
-    edge_model, depth_source = edge_model or data["edge_model"], depth_source or data["depth_source"]
     size = int(data["resolution"])
     dev = resolve_device(device)
     G = load_generator(checkpoint, dev)
-    images = np.stack([read_image(p, size, data["fit"]) for p in (reference, target)])
     needs_depth = any(c.endswith("_depth") for c in G.conditions)
-    depth_files = (reference_depth, target_depth)
-    sensor = depth_source in ("sensor", "dataset") or any(depth_files)
-    maps = compute_maps(images, edge_model, "none" if sensor or not needs_depth else depth_source, dev, weights)
-    if sensor and needs_depth:
-        if not all(depth_files):
-            raise ValueError(f"the depth source is {depth_source!r} (sensor depth): pass both --reference-depth "
-                             "and --target-depth files, or --depth-source depth_anything_small")
-        maps["depth"] = to_uint16(np.stack([sensor_nearness(p, (size, size)) for p in depth_files]))
+    needs_edge = any(c.endswith("_edge") for c in G.conditions)
+    edge_model = edge_model or (data["edge_model"] if needs_edge else "none")
+    depth_source = one_off_depth_source(depth_source, data["depth_source"], needs_depth,
+                                        (reference_depth, target_depth), weights)
+    images = np.stack([read_image(p, size, data["fit"]) for p in (reference, target)])
+    maps = compute_maps(images, edge_model, depth_source if depth_source.startswith("depth_anything") else "none",
+                        dev, weights)
+    if depth_source in ("sensor", "dataset"):
+        maps["depth"] = to_uint16(np.stack([sensor_nearness(p, (size, size)) for p in (reference_depth, target_depth)]))
+    elif depth_source == "flat":
+        maps["depth"] = np.full((2, size, size), 32768, np.uint16)
     items = [{"image": to_unit(images[i], "image"), **{k: to_unit(v[i], k) for k, v in maps.items()}} for i in (0, 1)]
     G_star = load_generator(depth_checkpoint, dev, "depth") if depth_checkpoint is not None else None
     if G_star is not None and not {"edge", "depth"} <= set(maps):
@@ -717,8 +723,46 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
     return written
 
 
+ONE_OFF_DEPTH = ("depth_anything_small", "depth_anything_base", "depth_anything_large", "sensor", "dataset", "flat",
+                 "none")
+
+
+def one_off_depth_source(asked: str | None, trained: str, needed: bool, files: tuple, weights: Mapping | None) -> str:
+    """The depth source of a one-off generation: what the user asked for, else the checkpoint's.
+    When that cannot run here, one message lists every option; a flat depth is used only when asked."""
+    if not needed:
+        return "none"
+    if asked is not None and asked not in ONE_OFF_DEPTH:
+        raise ValueError(f"--depth-source {asked!r}: use one of {', '.join(ONE_OFF_DEPTH)}")
+    source = asked or ("sensor" if all(files) else trained)
+    options = ("give --reference-depth and --target-depth files (xyz / depth TIFFs), or --depth-source "
+               "depth_anything_small (Depth Anything V2 weights; `hybrid models fetch depth_anything_small`), or "
+               "--depth-source flat (a constant depth: AHD then sees no structure)")
+    if source == "none":
+        raise ValueError(f"this checkpoint was trained with depth (from {trained!r}) and needs a depth map: {options}")
+    if source in ("sensor", "dataset") and not all(files):
+        raise ValueError(f"this checkpoint learned from depth files (depth source {trained!r}), and none were given: "
+                         f"{options}")
+    if source.startswith("depth_anything"):
+        from hybrid.autoconf import weights_present
+
+        if not weights_present(source, dict(weights or {})):
+            from hybrid.models.store import offline
+
+            if offline():
+                raise ValueError(f"the depth source {source!r} needs its weights, which are not here (offline): "
+                                 f"{options}")
+    if source == "flat":
+        log.warning("generate: a flat depth map stands in for the depth this checkpoint learned from (%s)", trained)
+    return source
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    cfg = ManipulateConfig.from_dict(json.loads(args.manipulate)) if args.manipulate else None
+    try:
+        cfg = ManipulateConfig.from_dict(json.loads(args.manipulate)) if args.manipulate else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--manipulate is not valid JSON ({e.msg} at character {e.pos}): give an object such as "
+                         '\'{"area": [0.02, 0.1]}\'') from None
     files = generate_one(args.checkpoint, args.reference, args.target, args.out, args.manipulation, args.seed,
                          args.edge_model, args.depth_source, args.reference_depth, args.target_depth,
                          args.device, cfg, depth_checkpoint=args.depth_checkpoint, feature_noise=args.feature_noise)
@@ -741,7 +785,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--feature-noise", type=float, default=0.0,
                    help="std of the noise added to the encoded features for diversity (AnomalyFactory)")
     p.add_argument("--edge-model", default=None, help="override the checkpoint's (pidinet, canny, ...)")
-    p.add_argument("--depth-source", default=None, help="override the checkpoint's (depth_anything_small, ...)")
+    p.add_argument("--depth-source", default=None, choices=ONE_OFF_DEPTH,
+                   help="override the checkpoint's: depth_anything_small|_base|_large (estimated), sensor (the "
+                        "depth files), flat (a constant depth, only on request), none")
     p.add_argument("--reference-depth", default=None, help="sensor depth file (xyz tiff) of the reference")
     p.add_argument("--target-depth", default=None, help="sensor depth file (xyz tiff) of the target")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -54,6 +54,8 @@ from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import CHANNELS, Generator, copy_matching
 
 log = logging.getLogger(__name__)
+UMASK = os.umask(0)
+os.umask(UMASK)
 DEPTH_FIELDS = ("depth", "depth_sensor", "auto")
 CSV_COLUMNS = ["step", "epoch", "lr", "G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask",
                "D_total", "D_real", "D_fake"]
@@ -277,12 +279,15 @@ def save_checkpoint(path: Path, G: nn.Module, D: nn.Module, opt_G, opt_D, config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: checkpoints follow the umask like every output
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in G.state_dict().items()}, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in D.state_dict().items()}, tmp / "discriminator.safetensors")
         torch.save({**state, "optimizer_G": opt_G.state_dict(), "optimizer_D": opt_D.state_dict(),
                     "rng": rng_state()}, tmp / "state.pt")
+        for f in tmp.iterdir():  # safetensors writes 0600
+            os.chmod(f, 0o666 & ~UMASK)
         publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -305,7 +310,8 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)"}
+LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)",
+               "blaze": "Blaze-level (AnomalyFactory BlazeDetector)"}
 
 
 def load_checkpoint(path: str | Path, level: str | None = None, purpose: str = "this use") -> Generator:
@@ -322,7 +328,15 @@ def load_checkpoint(path: str | Path, level: str | None = None, purpose: str = "
         raise ValueError(f"{path} holds a {LEVEL_NAMES[G.level]} generator, but {purpose} needs a "
                          f"{LEVEL_NAMES[level]} one: use results/{'train' if level == 'rgb' else 'train_depth'}"
                          "/checkpoint")
-    G.load_state_dict(load_file(path / "model.safetensors"))
+    try:
+        G.load_state_dict(load_file(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} has no model.safetensors: the checkpoint is incomplete; use a published "
+                                "one (results/train/checkpoint, or the copy in results/train/work/published)") from None
+    except Exception as e:  # safetensors' own error type for a damaged file, or mismatched tensors
+        raise ValueError(f"{path / 'model.safetensors'} cannot be loaded ({e}); the file is damaged or from another "
+                         "model: restore it (results/train/work/published keeps the last published copy) or "
+                         "retrain") from None
     return G.eval()
 
 

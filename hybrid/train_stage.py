@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -67,12 +68,45 @@ def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | P
     log.info("train: depth maps from the shards' %r array (%s)", depth_field, data["depth_source"])
     fields = [depth_field if m == "depth" else m for m in modalities]
     dataset = Renamed(ShardDataset(idx, fields=fields, shard_dir=index.parent), {depth_field: "depth"})
-    out = train(dataset, checkpoint, work_dir, model_cfg, train_cfg, augment_cfg, losses_csv=losses,
-                samples_dir=samples, init_from=init_from, data=data)
-    for other in work_root.iterdir():  # runs of earlier settings: their outputs are superseded
-        if other.is_dir() and other != work_dir:
+    kept = work_root / PUBLISHED
+    try:
+        out = train(dataset, checkpoint, work_dir, model_cfg, train_cfg, augment_cfg, losses_csv=losses,
+                    samples_dir=samples, init_from=init_from, data=data)
+    except BaseException:
+        if (kept / "config.json").exists():
+            log.error("train failed; the last published checkpoint is kept in %s (copy it to %s to use it) and the "
+                      "periodic checkpoints of this run in %s", kept, checkpoint, work_dir)
+        raise
+    keep_published(Path(out), kept)
+    for other in work_root.iterdir():  # runs of earlier settings: superseded now that this one is published
+        if other.is_dir() and other not in (work_dir, kept) and not other.name.startswith("."):
             shutil.rmtree(other, ignore_errors=True)
+            log.info("train: removed the superseded work folder %s (the checkpoint of this run is published)", other)
     return out
+
+
+PUBLISHED = "published"  # under work_root: a copy of the last published checkpoint
+
+
+def keep_published(checkpoint: Path, kept: Path) -> None:
+    """Hard-link the published checkpoint into ``kept`` (no extra disk), replacing the older copy,
+    so a later failed run (whose start removes the Snakemake output) never loses it."""
+    tmp = kept.with_name(f".{kept.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(checkpoint, tmp, copy_function=link)
+    old = kept.with_name(f".{kept.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if kept.exists():
+        os.rename(kept, old)
+    os.rename(tmp, kept)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def choose_depth(wanted: str, shard: Path, needed: bool) -> str:
