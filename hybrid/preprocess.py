@@ -35,6 +35,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.config import check_keys, resolve_device
-from hybrid.data.images import ImageError, fit, read_capped, read_image, read_mask
+from hybrid.data.images import ImageError, fit, probe, read_capped, read_image, read_mask
 from hybrid.data.shards import build_index, shard_is_current, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.models.depth import sensor_nearness, to_uint16
@@ -76,6 +77,7 @@ class PreprocessConfig:
     maps_max_pixels: int = 4_194_304  # maps_at original: larger images are reduced to this (2048^2)
     maps_batch_pixels: int = 16_777_216  # maps_at original: pixels per batch of originals (16 x 1024^2)
     sensor_depth: str | bool = "auto"  # auto | true | false: also store depth_sensor (see sensor_depth_wanted)
+    mask_mismatch: str = "resize"  # a mask of another size than its image: resize (with a warning) | error
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -88,7 +90,8 @@ class PreprocessConfig:
                                     ("device", cfg.device, ("auto", "cpu", "cuda")),
                                     ("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16")),
                                     ("maps_at", cfg.maps_at, MAPS_AT),
-                                    ("sensor_depth", cfg.sensor_depth, SENSOR_DEPTH)):
+                                    ("sensor_depth", cfg.sensor_depth, SENSOR_DEPTH),
+                                    ("mask_mismatch", cfg.mask_mismatch, ("resize", "error"))):
             if not any(value is c or (isinstance(c, str) and value == c) for c in choices):
                 raise ValueError(f"preprocess.{key}: {value!r} is not one of {list(choices)}")
         if cfg.maps_max_pixels < cfg.resolution ** 2:
@@ -157,7 +160,16 @@ class _Decoded(Dataset):
             else:
                 out["image"] = read_image(r["image_path"], c.resolution, c.fit, c.max_pixels)
             if pd.notna(r["mask_path"]):
-                out["mask"] = read_mask(r["mask_path"], c.resolution, c.fit)
+                mask = read_mask(r["mask_path"])
+                info = probe(r["image_path"], c.max_pixels)  # the header: the image's true size
+                h, w = info.height, info.width
+                if mask.shape != (h, w):
+                    why = (f"mask {r['mask_path']} is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
+                    if c.mask_mismatch == "error":
+                        raise ImageError(r["image_path"], f"{why}; fix the mask, or set preprocess.mask_mismatch: "
+                                         "resize to stretch it onto the image")
+                    out["warning"] = f"{why}; stretched onto the image (preprocess.mask_mismatch: resize)"
+                out["mask"] = fit(mask, c.resolution, c.fit, interpolation=cv2.INTER_NEAREST)
             if self.sensor_depth or self.store_sensor:
                 if pd.isna(r["depth_path"]):
                     raise ImageError(r["image_path"], "no depth_path for this sample; the depth source "
@@ -322,10 +334,13 @@ class _Pending:
                 it.setdefault(name, arr[k])
 
 
-def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig) -> pd.DataFrame:
+def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig,
+               auto: list[str] | None = None) -> pd.DataFrame:
     """Write ``out_dir/shard-*.h5``, ``out_dir/index.parquet`` and ``out_dir/skipped.csv``.
 
     Returns the index (sample_id, shard, index). Shards whose fingerprint matches are kept.
+    ``auto``: what the workflow's ``auto`` settings resolved to (logged and stored in the shards'
+    ``auto`` attribute).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,11 +358,13 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
              else "", cfg.depth_source,
              "; sensor depth stored as depth_sensor" if store_sensor else "")
 
+    for note in auto or []:
+        log.info("preprocess: %s", note)
     skipped: list[dict] = _previous_skips(out_dir, {i for i in range(n_shards) if i not in todo})
     if todo:
         maps = _Maps(cfg, device)
         attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **maps.attrs(),
-                        "depth_sensor_source": "sensor" if store_sensor else ""}
+                        "depth_sensor_source": "sensor" if store_sensor else "", "auto": "; ".join(auto or [])}
         rows = pd.concat([chunks[i] for i in todo])
         loader = DataLoader(_Decoded(rows, cfg, sensor, store_sensor), batch_size=cfg.batch_size,
                             num_workers=cfg.workers, collate_fn=_collate)
@@ -358,6 +375,8 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
         bar = tqdm(total=len(rows), desc="preprocess", unit="img")
         for batch in loader:
             for it in batch:
+                if it.get("warning"):
+                    log.warning("preprocess: %s", it["warning"])
                 if it["error"] is not None:
                     if cfg.bad_images == "error":
                         raise ImageError(it["path"], it["error"].split(": ", 1)[-1] +

@@ -11,6 +11,7 @@ rule preprocess:
     params:
         preprocess=config["preprocess"],
         weights=model_paths(),
+        auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
         code=code_hash("hybrid.preprocess"),
     threads: max(1, config["preprocess"].get("workers", 2))
     resources:

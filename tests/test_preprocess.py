@@ -113,3 +113,21 @@ def test_read_only_output_gives_a_clear_error(tmp_path):
     with _tmpfs(tmp_path / "ro", "ro,size=64k") as out:
         with pytest.raises(OutputError, match="read-only"):
             preprocess(_manifest(tmp_path, n=3), out, _cfg())
+
+
+def test_a_mask_of_another_size_is_stretched_with_a_warning_or_fails_as_configured(tmp_path, caplog):
+    man = _manifest(tmp_path, n=2)
+    for i, size in ((0, (30, 20)), (1, (15, 10))):  # (w, h): the first fits its 30x20 image, the second not
+        m = np.zeros(size[::-1], np.uint8)
+        m[: size[1] // 2] = 255
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), m)
+    man["mask_path"] = pd.array([str(tmp_path / "m0.png"), str(tmp_path / "m1.png")], dtype="string")
+    with caplog.at_level("WARNING", logger="hybrid.preprocess"):
+        preprocess(man, tmp_path / "out", _cfg())
+    assert "m1.png is 15x10 but its image is 30x20; stretched onto the image" in caplog.text
+    assert "m0.png" not in caplog.text
+    mask = ShardDataset(tmp_path / "out" / "index.parquet", fields=("mask",), raw=True)[1]["mask"]
+    assert mask[:8].all() and not mask[8:].any()  # the top half, stretched
+    with pytest.raises(ImageError, match=r"m1.png is 15x10 but its image is 30x20; fix the mask, or set "
+                                         r"preprocess.mask_mismatch: resize"):
+        preprocess(man, tmp_path / "out2", _cfg(mask_mismatch="error"))

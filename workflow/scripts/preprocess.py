@@ -8,4 +8,5 @@ from hybrid.preprocess import PreprocessConfig, preprocess
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "weights": snakemake.params.weights})  # noqa: F821
-preprocess(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg)  # noqa: F821
+preprocess(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg,  # noqa: F821
+           auto=snakemake.params.auto)  # noqa: F821 (what preprocess.* auto resolved to)
