@@ -64,3 +64,23 @@ def test_user_mistakes_are_one_line_with_the_fix(tmp_path, images, capsys):
                                                           "depth_source": "dataset"})
     err = one_line_error(capsys, generate(tmp_path, ckpt, (tmp_path / "x.png", images[1]), *flat))
     assert str(tmp_path / "x.png") in err
+
+
+def test_scoring_mistakes_are_one_line_naming_the_file_and_line(tmp_path, capsys):
+    ref = tmp_path / "ref.csv"
+    ref.write_text("filename,hybrid_stat,ssp_indicator\na.JPG,0,major\nb.JPG,1,mimic\n")
+    pred = tmp_path / "pred.txt"
+
+    def score_error() -> str:
+        assert main(["score", "--predictions", str(pred), "--reference", str(ref)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        return err
+
+    assert "pred.txt" in score_error()  # missing file
+    pred.write_text("filename,score\na.JPG,0.1\nb.JPG,0.9\n")
+    assert "line 1" in score_error()  # a header line
+    pred.write_text("a.JPG,nan\nb.JPG,0.9\n")
+    assert "not finite" in score_error()
+    pred.write_text("a.JPG,0.1\n")
+    assert "b.JPG" in score_error()  # a reference row without a prediction
