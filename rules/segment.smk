@@ -1,0 +1,74 @@
+# Segment: downstream detection and localisation (paper 003 Tables 2 and 4): per category, a
+# segmentation network (DRAEM's DiscriminativeSubNetwork by default, as AnomalyDiffusion's
+# localisation benchmark) trained on generated local anomalies (their regions as masks) and real
+# normal images, optionally plus generated normals (AnoHybrid+), tested on the real test set;
+# with depth-level anomalies (train_depth) also a depth model and rgb+depth.
+# Industrial layouts by default (segment.enabled: auto = every layout but the butterfly ones, demo
+# and heliconius); SEGMENT_OUTPUTS is empty, and the rule absent, where it is off.
+# Export: the generated anomalies and masks as an MVTec AD folder tree (export.enabled puts it in
+# `all`; `snakemake export` makes it on demand).
+
+BUTTERFLY_LAYOUTS = ("demo", "heliconius")
+SEGMENT_ENABLED = (config.get("segment") or {}).get("enabled", "auto")
+SEGMENT_OUTPUTS = (
+    {"json": "results/metrics/segment.json", "table": "results/metrics/segment.parquet"}
+    if (config["dataset"]["layout"] not in BUTTERFLY_LAYOUTS if SEGMENT_ENABLED == "auto" else SEGMENT_ENABLED)
+    else {}
+)
+EXPORT_OUTPUTS = ["results/export"] if (config.get("export") or {}).get("enabled") else []
+
+
+if SEGMENT_OUTPUTS:
+
+    rule segment:
+        input:
+            manifest="results/manifest.parquet",
+            index="results/shards/index.parquet",
+            generated="results/generated/manifest.parquet",
+        output:
+            json=SEGMENT_OUTPUTS["json"],
+            table=SEGMENT_OUTPUTS["table"],
+            # save_pretrained folders <category>/<variant>/<modality>/, and one strip per category
+            models=directory("results/segment/models"),
+            strips=directory("results/segment/strips"),
+        params:
+            segment={k: v for k, v in config["segment"].items() if k != "enabled"},
+            # Periodic checkpoints and finished models live here, outside the outputs Snakemake
+            # deletes before a job, in a folder named by the training settings: a killed job
+            # resumes, finished models are reused when only scoring settings change.
+            work_root="results/segment/work",
+            code=code_hash("hybrid.stages.segment"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
+            gpu=0 if config["segment"].get("device", "auto") == "cpu" else 1,
+        benchmark:
+            "results/benchmarks/segment.tsv"
+        log:
+            "results/logs/segment.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/segment.py"
+
+
+rule export:
+    input:
+        manifest="results/manifest.parquet",
+        index="results/shards/index.parquet",
+        generated="results/generated/manifest.parquet",
+    output:
+        tree=directory("results/export"),
+    params:
+        export={k: v for k, v in (config.get("export") or {}).items() if k != "enabled"},
+        code=code_hash("hybrid.stages.export"),
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        "results/logs/export.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/export.py"
