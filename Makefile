@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs into .venv and runs the workflow on the embedded demo data
+#   (make demo-industrial: the same on the procedural MVTec-AD-like industrial demo)
 #   make test   installs into .venv and runs the tests
 # TORCH selects the torch build: the default is the CPU wheel these machines carry; on a GPU
 # workstation use e.g. `make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
@@ -9,7 +10,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-industrial test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +23,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/config.yaml
+
+demo-industrial: install
+	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/config.yaml config/industrial.yaml
 
 test: install
 	$(PY) -m pytest -q

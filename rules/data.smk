@@ -1,4 +1,8 @@
-# Data: the embedded demo dataset and the ingest stage (one manifest for every layout).
+# Data: the embedded demo datasets and the ingest stage (one manifest for every layout).
+
+# The industrial demo's MVTec AD tree (rule demo_industrial; read through ingest_inputs and
+# reader_options in common.smk, which run after this file is read).
+DEMO_INDUSTRIAL_DIR = "results/data/demo_industrial"
 
 
 rule demo_data:
@@ -6,7 +10,7 @@ rule demo_data:
         train_csv=f"{DEMO_DIR}/butterfly_anomaly_train.csv",
         test_csv=f"{DEMO_DIR}/ref_test.csv",
     params:
-        demo=config["demo"],
+        demo={k: v for k, v in config["demo"].items() if k != "industrial"},
         out_dir=lambda wildcards, output: str(Path(output.train_csv).parent),
         code=code_hash("hybrid.data.demo"),
     log:
@@ -15,6 +19,23 @@ rule demo_data:
         "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/demo_data.py"
+
+
+# The industrial demo (dataset.layout: demo_industrial): an MVTec AD tree of procedural bottles,
+# pills and carpets with defect masks and xyz height maps, settings in demo.industrial.
+rule demo_industrial:
+    output:
+        meta=f"{DEMO_INDUSTRIAL_DIR}/demo.json",
+    params:
+        demo=config["demo"].get("industrial") or {},
+        out_dir=lambda wildcards, output: str(Path(output.meta).parent),
+        code=code_hash("hybrid.data.demo_industrial"),
+    log:
+        "results/logs/demo_industrial.log",
+    conda:
+        "../envs/hybrid.yaml"
+    script:
+        "../workflow/scripts/demo_industrial.py"
 
 
 rule ingest:
@@ -27,6 +48,7 @@ rule ingest:
         layout=config["dataset"]["layout"],
         options=reader_options(),
         missing=config["ingest"].get("missing", "error"),
+        protocol=config["ingest"].get("protocol") or {},
         code=code_hash("hybrid.ingest"),
     log:
         "results/logs/ingest.log",

@@ -336,6 +336,51 @@ def test_folder(tmp_path):
     assert read_dataset("folder", {**opts, "mask_dir": None})["mask_path"].isna().all()
 
 
+def test_folder_defect_subfolders(tmp_path):
+    """Sub-folders of abnormal_dir are defect types, with their masks in mask_dir/<defect>/."""
+    for p in ["normal/a.png", "abnormal/x.png", "abnormal/dent/000.png", "abnormal/dent/001.png",
+              "abnormal/scratch/000.png", "masks/x_mask.png", "masks/dent/000_mask.png", "masks/dent/001.png",
+              "masks/scratch/000_mask.png", "masks/000_mask.png"]:
+        img(tmp_path / p)
+    opts = {"normal_dir": str(tmp_path / "normal"), "abnormal_dir": str(tmp_path / "abnormal"),
+            "mask_dir": str(tmp_path / "masks"), "category": "plate"}
+    df = read_dataset("folder", opts)
+    rows = by_id(df)
+    assert set(rows) == {"folder/plate/train/a", "folder/plate/test/x", "folder/plate/test/dent/000",
+                         "folder/plate/test/dent/001", "folder/plate/test/scratch/000"}
+    assert rows["folder/plate/test/x"]["defect"] is None  # directly in abnormal_dir: no defect type
+    assert rows["folder/plate/test/dent/001"]["defect"] == "dent"
+    assert rows["folder/plate/test/dent/001"]["mask_path"] == str((tmp_path / "masks/dent/001.png").resolve())
+    assert rows["folder/plate/test/scratch/000"]["mask_path"].endswith("masks/scratch/000_mask.png")
+
+    (tmp_path / "masks/scratch/000_mask.png").unlink()  # masks/000_mask.png belongs to no defect type
+    with pytest.raises(ManifestError, match=r"no mask.*abnormal/scratch/000\.png"):
+        read_dataset("folder", opts)
+    skipped = read_dataset("folder", {**opts, "missing": "skip"}).attrs["skipped"]
+    assert [(s["reason"], s["category"], s["defect"]) for s in skipped] == [("no mask", "plate", "scratch")]
+
+
+def test_skip_records_name_category_and_defect(tmp_path):
+    root = tmp_path / "mvtec"
+    for p in ["bottle/train/good/000.png", "bottle/test/crack/000.png", "bottle/test/crack/001.png",
+              "bottle/ground_truth/crack/000_mask.png"]:
+        img(root / p)
+    skipped = read_dataset("mvtec_ad", {"root": str(root), "missing": "skip"}).attrs["skipped"]
+    assert [(s["category"], s["defect"], Path(s["path"]).name) for s in skipped] == [("bottle", "crack", "001.png")]
+    visa_tree(tmp_path / "visa")
+    (tmp_path / "visa/candle/Data/Masks/Anomaly/000.png").unlink()
+    skipped = read_dataset("visa", {"root": str(tmp_path / "visa"), "missing": "skip"}).attrs["skipped"]
+    assert [(s["category"], s["defect"]) for s in skipped] == [("candle", None)]
+
+
+def test_readers_leave_protocol_null(tmp_path):
+    """The protocol column is the ingest stage's: every reader returns it null."""
+    opts = heliconius_tree(tmp_path)
+    assert read_dataset("heliconius", opts)["protocol"].isna().all()
+    visa_tree(tmp_path / "visa")
+    assert read_dataset("visa", {"root": str(tmp_path / "visa")})["protocol"].isna().all()
+
+
 def test_same_stem_twice_is_an_error(tmp_path):
     img(tmp_path / "n/a.png")
     img(tmp_path / "n/a.jpg")
@@ -347,10 +392,12 @@ def test_same_stem_twice_is_an_error(tmp_path):
 
 
 def test_read_dataset_dispatch_and_errors(tmp_path):
-    assert set(READERS) == {"heliconius", "demo", "mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder"}
+    assert set(READERS) == {"heliconius", "demo", "demo_industrial", "mvtec_ad", "mvtec_3d", "mvtec_loco",
+                            "visa", "folder"}
     opts = heliconius_tree(tmp_path)
     assert set(read_dataset("demo", opts)["dataset"]) == {"demo"}
-    with pytest.raises(ValueError, match=r"unknown dataset layout 'mvtec'; use one of \['demo', 'folder'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown dataset layout 'mvtec'; use one of \['demo', 'demo_industrial', 'folder'"):
         read_dataset("mvtec", {})
     with pytest.raises(ValueError, match=r"does not take the options \['rot'\]; it accepts \['categories', 'missing', 'root'\]"):
         read_dataset("mvtec_ad", {"rot": "/data"})

@@ -148,8 +148,12 @@ class Problems:
         self.fix = fix  # what the user should correct, e.g. "correct image_dir (now /data/x)"
         self.records: list[dict[str, str]] = []
 
-    def add(self, path: str | Path, source: str | Path, reason: str) -> None:
-        self.records.append({"path": str(path), "source": str(source), "reason": reason})
+    def add(self, path: str | Path, source: str | Path, reason: str, category: str | None = None,
+            defect: str | None = None) -> None:
+        """Record one unusable file; ``category`` and ``defect`` (where the layout knows them) let
+        the protocol split name defect types that lost images."""
+        self.records.append({"path": str(path), "source": str(source), "reason": reason,
+                             "category": category, "defect": defect})
 
     def message(self, dataset: str) -> str:
         groups: dict[tuple[str, str], list[str]] = {}

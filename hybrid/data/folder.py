@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hybrid.data._files import FileIndex, Problems, folder, list_images
+from hybrid.data._files import FileIndex, Problems, folder, list_images, subfolders
 from hybrid.data.manifest import ManifestError
 
 
@@ -15,10 +15,13 @@ def read_folder(normal_dir: str | Path, abnormal_dir: str | Path | None = None,
                 missing: str = "error") -> pd.DataFrame:
     """Normal images -> split "train", label 0; abnormal images -> split "test", label 1.
 
-    Only images directly in each folder are read (hidden and non-image files are ignored). With
-    ``mask_dir``, each abnormal image needs a mask ``<stem>.<ext>`` or ``<stem>_mask.<ext>`` (any
-    image extension, any case); one without raises (``missing="error"``) or is dropped and listed
-    in ``df.attrs["skipped"]``. sample_id is ``folder/<category>/<split>/<stem>``.
+    Only images directly in each folder are read (hidden and non-image files are ignored), plus,
+    in ``abnormal_dir``, one level of sub-folders: each is a defect type (``abnormal_dir/scratch/
+    *.png`` -> defect "scratch", whose masks are in ``mask_dir/scratch/``); images directly in
+    ``abnormal_dir`` have no defect type. With ``mask_dir``, each abnormal image needs a mask
+    ``<stem>.<ext>`` or ``<stem>_mask.<ext>`` (any image extension, any case); one without raises
+    (``missing="error"``) or is dropped and listed in ``df.attrs["skipped"]``. sample_id is
+    ``folder/<category>/<split>/<stem>``, or ``folder/<category>/test/<defect>/<stem>``.
     """
     normal = folder(normal_dir, "normal_dir")
     abnormal = folder(abnormal_dir, "abnormal_dir") if abnormal_dir is not None else None
@@ -28,22 +31,26 @@ def read_folder(normal_dir: str | Path, abnormal_dir: str | Path | None = None,
     problems = Problems(missing, f"correct mask_dir (now {masks}) or add the masks")
     files = FileIndex()
 
-    def row(image: Path, split: str, label: int, mask: Path | None = None) -> dict:
-        return {"sample_id": f"folder/{category}/{split}/{image.stem}", "dataset": "folder",
+    def row(image: Path, split: str, label: int, mask: Path | None = None,
+            defect: str | None = None) -> dict:
+        sub = f"{split}/{defect}" if defect else split
+        return {"sample_id": f"folder/{category}/{sub}/{image.stem}", "dataset": "folder",
                 "category": category, "split": split, "label": label,
-                "defect": None if label else "good", "image_path": str(image),
+                "defect": defect if label else "good", "image_path": str(image),
                 "mask_path": str(mask) if mask else None}
 
     rows = [row(image, "train", 0) for image in list_images(normal)]
     if not rows:
         raise ManifestError(f"normal_dir {normal} holds no images (png, jpg, jpeg, bmp, tif, tiff)")
-    for image in list_images(abnormal) if abnormal else []:
-        mask = None
-        if masks:
-            stem = image.stem
-            mask = files.find_stem(masks, stem) or files.find_stem(masks, f"{stem}_mask")
-            if mask is None:
-                problems.add(image, masks, "no mask")
-                continue
-        rows.append(row(image, "test", 1, mask))
+    groups = [(None, abnormal), *((d, abnormal / d) for d in subfolders(abnormal))] if abnormal else []
+    for defect, images in groups:
+        for image in list_images(images):
+            mask = None
+            if masks:
+                where, stem = masks / defect if defect else masks, image.stem
+                mask = files.find_stem(where, stem) or files.find_stem(where, f"{stem}_mask")
+                if mask is None:
+                    problems.add(image, where, "no mask", category, defect)
+                    continue
+            rows.append(row(image, "test", 1, mask, defect))
     return problems.manifest(rows, "folder", normal)

@@ -25,7 +25,13 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "image_path": "string",  # absolute path
     "mask_path": "string",  # absolute path of the ground-truth mask, if any
     "depth_path": "string",  # absolute path of sensor depth (xyz tiff or z tiff), if any
+    # The industrial protocol (hybrid.data.protocol): "base" (generation base, the first third of
+    # each defect type's test anomalies) or "eval" (held out for testing); null on every other row.
+    "protocol": "string",
 }
+# Columns added after manifests were first written: a manifest without one reads it as null.
+LATER_COLUMNS = ("protocol",)
+PROTOCOL_VALUES = ("base", "eval")
 
 SPLITS = ("train", "val", "test")
 
@@ -47,6 +53,9 @@ def make_manifest(rows: list[dict], source: str | Path) -> pd.DataFrame:
 
 def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> pd.DataFrame:
     """Check columns, dtypes, unique ids and allowed values; return the frame in column order."""
+    for c in LATER_COLUMNS:
+        if c not in df.columns:
+            df = df.assign(**{c: pd.Series(pd.NA, index=df.index, dtype=MANIFEST_COLUMNS[c])})
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{source}: manifest lacks columns {missing}")
@@ -63,6 +72,14 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> pd.D
     bad_split = sorted(set(df["split"].dropna()) - set(SPLITS))
     if bad_split:
         raise ManifestError(f"{source}: unknown split values {bad_split}; expected one of {SPLITS}")
+    bad_protocol = sorted(set(df["protocol"].dropna()) - set(PROTOCOL_VALUES))
+    if bad_protocol:
+        raise ManifestError(f"{source}: unknown protocol values {bad_protocol}; "
+                            f"expected {PROTOCOL_VALUES} or null")
+    stray = df["protocol"].notna() & ~((df["split"] == "test") & (df["label"] == 1)).fillna(False)
+    if stray.any():
+        raise ManifestError(f"{source}: {int(stray.sum())} rows that are not test anomalies have a protocol value "
+                            f"(e.g. {df.loc[stray, 'sample_id'].iloc[0]}); only split test, label 1 rows are base or eval")
     if df["label"].isna().any() or not df["label"].isin([0, 1]).all():
         raise ManifestError(f"{source}: label must be 0 (normal) or 1 (anomaly/hybrid) on every row")
     if df["image_path"].isna().any():

@@ -65,7 +65,7 @@ def read_mvtec_ad(root: str | Path, categories: Categories = None,
                 gt = root / cat / "ground_truth" / defect
                 mask = files.find_stem(gt, f"{image.stem}_mask")
                 if mask is None:
-                    problems.add(image, gt, "no mask")
+                    problems.add(image, gt, "no mask", cat, defect)
                     continue
             rows.append(_row("mvtec_ad", cat, split, defect, image, mask))
     return _finish(rows, problems, "mvtec_ad", root, "<category>/train/good/*.png")
@@ -85,9 +85,9 @@ def read_mvtec_3d(root: str | Path, categories: Categories = None,
             depth = files.find_stem(d / "xyz", image.stem, DEPTH_EXTS)
             mask = files.find_stem(d / "gt", image.stem)
             if depth is None:
-                problems.add(image, d / "xyz", "no depth")
+                problems.add(image, d / "xyz", "no depth", cat, defect)
             elif mask is None and defect != "good":
-                problems.add(image, d / "gt", "no mask")
+                problems.add(image, d / "gt", "no mask", cat, defect)
             else:
                 rows.append(_row("mvtec_3d", cat, split, defect, image, mask, depth))
     return _finish(rows, problems, "mvtec_3d", root, "<category>/train/good/rgb/*.png")
@@ -108,7 +108,7 @@ def read_mvtec_loco(root: str | Path, categories: Categories = None,
             if defect != "good":
                 mask = root / cat / "ground_truth" / defect / image.stem
                 if not any(e.is_file() and e.name.lower().endswith(".png") for e in entries(mask)):
-                    problems.add(image, mask.parent, "no mask")
+                    problems.add(image, mask.parent, "no mask", cat, defect)
                     continue
             rows.append(_row("mvtec_loco", cat, split, defect, image, mask))
     return _finish(rows, problems, "mvtec_loco", root, "<category>/train/good/*.png")

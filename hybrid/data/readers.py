@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from hybrid.data.demo_industrial import read_demo_industrial
 from hybrid.data.folder import read_folder
 from hybrid.data.heliconius import read_heliconius
 from hybrid.data.mvtec import read_mvtec_3d, read_mvtec_ad, read_mvtec_loco
@@ -15,6 +16,7 @@ from hybrid.data.visa import read_visa
 READERS: dict[str, Callable[..., pd.DataFrame]] = {
     "heliconius": read_heliconius,
     "demo": read_heliconius,  # the demo writes images plus HDR-format CSVs
+    "demo_industrial": read_demo_industrial,  # an MVTec AD tree (mvtec_ad reader) plus height maps
     "mvtec_ad": read_mvtec_ad,
     "mvtec_3d": read_mvtec_3d,
     "mvtec_loco": read_mvtec_loco,

@@ -45,12 +45,12 @@ def read_visa(root: str | Path, split_csv: str | Path = "split_csv/1cls.csv",
     for r in df.to_dict("records"):
         image = files.find(root / r["image"])
         if image is None:
-            problems.add(root / r["image"], csv, "missing")
+            problems.add(root / r["image"], csv, "missing", r["object"])
             continue
         mask = files.find(root / r["mask"]) if isinstance(r["mask"], str) else None
         label = LABELS[r["label"]]
         if label and mask is None:
-            problems.add(image, csv, "no mask")
+            problems.add(image, csv, "no mask", r["object"])
             continue
         rows.append({"sample_id": f"visa/{r['id']}", "dataset": "visa", "category": r["object"],
                      "split": r["split"], "label": label, "defect": None if label else "good",

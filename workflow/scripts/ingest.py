@@ -10,4 +10,5 @@ ingest(
     missing=snakemake.params.missing,  # noqa: F821
     manifest_path=snakemake.output.manifest,  # noqa: F821
     skipped_path=snakemake.output.skipped,  # noqa: F821
+    protocol=snakemake.params.protocol,  # noqa: F821
 )
