@@ -1,0 +1,1 @@
+"""One module per Snakemake rule, each a run(...)."""

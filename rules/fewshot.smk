@@ -1,0 +1,47 @@
+# Few-shot: PatchCore fitted on k real normal images per category, alone and together with normal
+# images generated from those same k images by the trained generator, scored on the real test set
+# (image AUROC, pixel AUROC, AU-PRO). Industrial layouts by default (fewshot.enabled: auto, see
+# stage_enabled in rules/baselines.smk); FEWSHOT_OUTPUTS is empty where it is off.
+
+
+FEWSHOT_OUTPUTS = (
+    {"json": "results/metrics/fewshot.json", "table": "results/metrics/fewshot.parquet"}
+    if stage_enabled("fewshot")
+    else {}
+)
+
+
+if FEWSHOT_OUTPUTS:
+
+    rule fewshot:
+        input:
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+            # fewshot.train_generator is false (the only setting for now): the generated normals
+            # come from the run's trained generator, which saw every normal training image. None
+            # asked for (generated_per_shot or max_generated 0): PatchCore rows only, no generator.
+            checkpoint=(
+                "results/train/checkpoint"
+                if config["fewshot"].get("generated_per_shot", 4) and config["fewshot"].get("max_generated", 256)
+                else []
+            ),
+        output:
+            json=FEWSHOT_OUTPUTS["json"],
+            table=FEWSHOT_OUTPUTS["table"],
+        params:
+            fewshot=config["fewshot"],
+            weights=model_paths(),
+            code=code_hash("hybrid.stages.fewshot"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=240,
+            gpu=0 if config["fewshot"].get("device", "auto") == "cpu" else 1,
+        benchmark:
+            "results/benchmarks/fewshot.tsv"
+        log:
+            "results/logs/fewshot.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/fewshot.py"
