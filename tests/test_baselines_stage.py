@@ -26,7 +26,7 @@ def toy_image(rng: np.random.Generator, size: int = S) -> np.ndarray:
 
 
 def make_industrial(root, categories=("bottle", "nut"), n_train: int = 6, n_good: int = 3, n_bad: int = 3,
-                    size: int = S, per_shard: int = 7, seed: int = 0) -> dict:
+                    size: int = S, per_shard: int = 7, seed: int = 0, dataset: str = "toy") -> dict:
     """results/manifest.parquet and results/shards/ of an MVTec-like toy: per category ``n_train``
     normal training images, ``n_good`` normal and ``n_bad`` anomalous test images (a bright square,
     its mask stored), with edge and depth maps as preprocess stores them."""
@@ -42,7 +42,7 @@ def make_industrial(root, categories=("bottle", "nut"), n_train: int = 6, n_good
                     y, x = rng.integers(4, size - 12, 2)
                     img[y:y + 8, x:x + 8] = 250
                     m[y:y + 8, x:x + 8] = 255
-                rows.append({"sample_id": f"toy/{c}/{split}/{defect}/{i:03d}", "dataset": "toy", "category": c,
+                rows.append({"sample_id": f"toy/{c}/{split}/{defect}/{i:03d}", "dataset": dataset, "category": c,
                              "split": split, "label": int(defect != "good"), "defect": defect,
                              "image_path": f"/nowhere/{c}/{split}/{defect}/{i:03d}.png"})
                 images.append(img)

@@ -77,7 +77,8 @@ def test_patchcore_with_and_without_generated_normals(toy, tmp_path):
     assert (plus["memory_bank"].to_numpy() > plain["memory_bank"].to_numpy()).all()
     js = json.loads((tmp_path / "f.json").read_text())
     assert js["weights"] == "random stand-in (seed 0)" and js["train_generator"] is False
-    assert js["published"]["few-shot"]["mean"] == 0.914 and js["shots"] == ["1", "2", "all"]
+    assert js["published"] is None and "dataset is toy" in js["published_note"]  # MVTec AD's numbers only
+    assert js["shots"] == ["1", "2", "all"] and (table["dataset"] == "toy").all()
     train = set(toy["manifest"].query("split == 'train'")["sample_id"])
     assert all(set(ids) <= train for d in js["draws"].values() for ids in d.values())
     assert len(js["rows"]) == 12
@@ -141,7 +142,9 @@ def test_report_table_in_the_seed_readme_layout_beside_the_published_numbers(toy
     assert t.loc["full-shot · PatchCore + generated normals"].tolist() == ["0.750", "0.750", "0.750"]
 
     fs = tmp_path / "fewshot.json"
-    run(toy["index"], toy["manifest"], toy["checkpoint"], fs, tmp_path / "f.parquet", cfg(shots=[1, "all"]))
+    mvtec = make_industrial(tmp_path, n_train=3, n_good=2, n_bad=2, dataset="mvtec_ad")
+    run(mvtec["index"], mvtec["manifest"], toy["checkpoint"], fs, tmp_path / "f.parquet", cfg(shots=[1, "all"]))
+    assert json.loads(fs.read_text())["published"]["few-shot"]["mean"] == 0.914
     run_baselines(toy["index"], toy["manifest"], tmp_path / "baselines", BaselinesConfig(count=2))
     html = build_report(tmp_path / "index.html", fewshot_json=fs,
                         baselines_manifest=tmp_path / "baselines" / "manifest.parquet").read_text()
@@ -152,6 +155,10 @@ def test_report_table_in_the_seed_readme_layout_beside_the_published_numbers(toy
         assert text in html, text
     assert html.count("data:image/png;base64,") == 2  # one baselines sheet per category
     assert 'id="fewshot"' not in build_report(tmp_path / "plain.html").read_text()
+    # another dataset: no published row, and the page says why
+    run(toy["index"], toy["manifest"], None, tmp_path / "toy.json", tmp_path / "toy.parquet", cfg(shots=[1]))
+    html = build_report(tmp_path / "toy.html", fewshot_json=tmp_path / "toy.json").read_text()
+    assert "published (resnet18)" not in html and "dataset is toy" in html
 
 
 # ----------------------------------------------------------------------------- the workflow

@@ -29,7 +29,8 @@ Per category and per shot count ``k`` (``fewshot.shots``, e.g. 1, 2, 4, 8 and ``
 Every row names the backbone and its weights (``real: <file>`` or ``random stand-in (seed s)``:
 ``weights: auto`` without the file gives the stand-in, ``real`` fails with the model store's
 message). :data:`PUBLISHED_PATCHCORE` holds the published PatchCore numbers the report puts beside
-ours.
+ours, only when the run's dataset is MVTec AD (the manifest's ``dataset`` column: the industrial
+demo's categories share MVTec's names but not its images).
 """
 
 from __future__ import annotations
@@ -354,6 +355,8 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
         raise ValueError(f"fewshot: categories {missing} have test rows but no normal training images "
                          f"(fewshot.select {cfg.select}); leave them out with fewshot.categories")
     draws = {c: {str(k): draw_shots(pool[c], k, cfg.seed, c) for k in cfg.shots} for c in cats}  # errors first
+    datasets = sorted(set(test_rows.loc[test_rows["category"].astype(str).isin(cats), "dataset"].astype(str)))
+    published = PUBLISHED_PATCHCORE if datasets == ["mvtec_ad"] else None
 
     device = resolve_device(cfg.device)
     backbone = load_resnet(cfg.backbone, cfg.weights, path=(weights or {}).get(cfg.backbone), seed=cfg.seed)
@@ -388,7 +391,7 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
                     fit_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     metrics = score(model, test)
-                    row = {"category": c, "shots": str(k), "k": len(shots), "setting": setting(k), "method": method,
+                    row = {"dataset": ",".join(datasets), "category": c, "shots": str(k), "k": len(shots), "setting": setting(k), "method": method,
                            "n_real": len(shots), "n_generated": n_gen,
                            "generator": generator if n_gen else "none",
                            "backbone": cfg.backbone, "backbone_weights": backbone.weights_label,
@@ -411,7 +414,10 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
         "rows": _plain(out), "backbone": cfg.backbone, "layers": list(cfg.layers),
         "weights": backbone.weights_label, "generator": generator, "train_generator": cfg.train_generator,
         "shots": [str(k) for k in cfg.shots], "seed": cfg.seed, "categories": cats,
-        "draws": draws, "published": PUBLISHED_PATCHCORE, "skipped": []})
+        "draws": draws, "datasets": datasets, "published": published,
+        "published_note": None if published else f"the published PatchCore numbers are for MVTec AD; this run's "
+                                                   f"dataset is {', '.join(datasets)}",
+        "skipped": []})
     log.info("fewshot: %d rows to %s and %s", len(out), out_json, out_table)
     return table
 
