@@ -61,10 +61,14 @@ ROLES: dict[str, dict[str, Role]] = {
             "AHE": Role(base="reference_image", guide="target_edge", learns="target_image")},
     "depth": {"AHD": Role(base="reference_depth", guide="target_image", learns="target_depth"),
               "AHE": Role(base="reference_edge", guide="target_image", learns="target_edge")},
+    # AnomalyFactory's BlazeDetector (paper 002, Sec. 3.4): fuses onto the anomaly image (target_image)
+    # under its anomaly edge map and learns the normal image it came from (reference_image); M = H_B.
+    "blaze": {"AHE": Role(base="target_image", guide="target_edge", learns="reference_image")},
 }
 DEFAULT_CONDITIONS = {
     "rgb": ["reference_image", "target_depth", "target_edge"],
     "depth": ["target_image", "reference_depth", "reference_edge"],
+    "blaze": ["target_image", "target_edge"],
 }
 
 
@@ -149,7 +153,7 @@ class Generator(nn.Module):
             self.slices[name] = slice(start, start + map_channels(name))
             start += map_channels(name)
         self.in_channels = start
-        self.out_channels = 3 if level == "rgb" else 1
+        self.out_channels = 1 if level == "depth" else 3
         self.roles = {d: ROLES[level][d] for d in decoders}
         self.bases = {d: r.base for d, r in self.roles.items()}     # C_in of each decoder
         self.targets = {d: r.learns for d, r in self.roles.items()}  # what each decoder learns

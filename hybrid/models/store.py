@@ -119,6 +119,8 @@ REGISTRY: dict[str, WeightSpec] = {s.name: s for s in [
     _hf("dinov2_base", "dinov2", "facebook/dinov2-base", "Apache-2.0"),
     _hf("dinov2_large", "dinov2", "facebook/dinov2-large", "Apache-2.0"),
     _hf("dinov2_giant", "dinov2", "facebook/dinov2-giant", "Apache-2.0"),
+    _hf("sam_vit_base", "sam", "facebook/sam-vit-base", "Apache-2.0",
+        "Segment Anything ViT-B: AnomalyFactory's semantic regions (hybrid.regions)"),
 ]}
 
 

@@ -1,0 +1,202 @@
+# AnomalyFactory (paper 002): BootGenerator -> FlareGenerator -> BlazeDetector, then Blaze localisation
+# on the real test images with the paper's strips, and Boot vs Flare generation quality (Tables 1-2).
+# Off by default (anomalyfactory.enabled); AF_OUTPUTS is empty, and the rules absent, where it is off.
+# Each training stage resumes from its work folder (periodic checkpoints outside the outputs, named by
+# the run's settings) like the train stage, and publishes a checkpoint in the project's format.
+
+AF = config.get("anomalyfactory") or {}
+AF_SEMANTIC = float((AF.get("flare") or {}).get("region_mix", 0.0)) > 0  # SAM regions needed
+AF_OUTPUTS = (
+    {
+        "boot": "results/anomalyfactory/boot/checkpoint",
+        "flare": "results/anomalyfactory/flare/checkpoint",
+        "blaze": "results/anomalyfactory/blaze/checkpoint",
+        "localize": "results/metrics/localize.json",
+        "quality": "results/metrics/af_generation.json",
+    }
+    if AF.get("enabled", False)
+    else {}
+)
+AF_REGIONS = {"regions": "results/anomalyfactory/regions.h5"} if AF_SEMANTIC else {}
+AF_SELECT = config["train"].get("select", {"split": "train", "label": 0})
+AF_PER_DATASET = dict(AF.get("per_dataset") or {})
+AF_TRAIN = {k: v for k, v in config["train"].items() if k != "select"}
+
+
+if AF_OUTPUTS:
+    # Included before report.smk and models.smk: the report gets the localisation results (and the
+    # strips they name) as an input, and `snakemake fetch_models` the SAM weights semantic regions need.
+    _report_inputs_without_af = report_inputs
+    _needed_weights_without_af = needed_weights
+
+    def report_inputs(wildcards):
+        return {**_report_inputs_without_af(wildcards), "localize": AF_OUTPUTS["localize"]}
+
+    def needed_weights():
+        sam = (AF.get("sam") or {}).get("model", "sam_vit_base")
+        extra = [sam] if AF_SEMANTIC and not Path(sam).is_dir() else []
+        return sorted(set(_needed_weights_without_af()) | set(extra))
+
+    rule boot:
+        input:
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+        output:
+            checkpoint=directory(AF_OUTPUTS["boot"]),
+            losses="results/anomalyfactory/boot/losses.csv",
+            samples=directory("results/anomalyfactory/boot/samples"),
+        params:
+            model=config["model"],  # sizes; decoders [AHE] and conditions [reference_image, target_edge] forced
+            train=AF_TRAIN,
+            boot=AF.get("boot") or {},
+            select=AF_SELECT,
+            per_dataset=AF_PER_DATASET,
+            seed=AF.get("seed", 0),
+            augment=config["augment"],
+            weights=model_paths(),
+            work_root="results/anomalyfactory/boot/work",
+            code=code_hash("hybrid.stages.boot"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=24 * 60,
+        benchmark:
+            "results/benchmarks/boot.tsv"
+        log:
+            "results/logs/boot.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/boot.py"
+
+    rule flare:
+        input:
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+            boot=AF_OUTPUTS["boot"],
+            **AF_REGIONS,
+        output:
+            checkpoint=directory(AF_OUTPUTS["flare"]),
+            losses="results/anomalyfactory/flare/losses.csv",
+            samples=directory("results/anomalyfactory/flare/samples"),
+        params:
+            train=AF_TRAIN,
+            flare=AF.get("flare") or {},
+            augment=config["augment"],
+            manipulate=config["generate"]["manipulate"],  # region shapes and sizes of the stochastic regions
+            sam=AF.get("sam") or {},
+            select=AF_SELECT,
+            per_dataset=AF_PER_DATASET,
+            seed=AF.get("seed", 0),
+            weights=model_paths(),
+            work_root="results/anomalyfactory/flare/work",
+            code=code_hash("hybrid.stages.flare"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
+        benchmark:
+            "results/benchmarks/flare.tsv"
+        log:
+            "results/logs/flare.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/flare.py"
+
+    rule blaze:
+        input:
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+            flare=AF_OUTPUTS["flare"],
+            **AF_REGIONS,
+        output:
+            checkpoint=directory(AF_OUTPUTS["blaze"]),
+            losses="results/anomalyfactory/blaze/losses.csv",
+            samples=directory("results/anomalyfactory/blaze/samples"),
+        params:
+            train=AF_TRAIN,
+            blaze=AF.get("blaze") or {},
+            flare=AF.get("flare") or {},
+            augment=config["augment"],
+            manipulate=config["generate"]["manipulate"],
+            sam=AF.get("sam") or {},
+            select=AF_SELECT,
+            per_dataset=AF_PER_DATASET,
+            seed=AF.get("seed", 0),
+            weights=model_paths(),
+            work_root="results/anomalyfactory/blaze/work",
+            code=code_hash("hybrid.stages.blaze"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
+        benchmark:
+            "results/benchmarks/blaze.tsv"
+        log:
+            "results/logs/blaze.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/blaze.py"
+
+    rule localize:
+        input:
+            index="results/shards/index.parquet",
+            manifest="results/manifest.parquet",
+            boot=AF_OUTPUTS["boot"],
+            flare=AF_OUTPUTS["flare"],
+            blaze=AF_OUTPUTS["blaze"],
+            **AF_REGIONS,
+        output:
+            json=AF_OUTPUTS["localize"],
+            table="results/metrics/localize.parquet",
+            strips=directory("results/anomalyfactory/strips"),
+            quality_json=AF_OUTPUTS["quality"],
+            quality_table="results/metrics/af_generation.parquet",
+        params:
+            localize=AF.get("localize") or {},
+            quality=AF.get("quality") or {},
+            flare=AF.get("flare") or {},
+            manipulate=config["generate"]["manipulate"],
+            sam=AF.get("sam") or {},
+            evaluate=config["evaluate"],  # the IS / cluster LPIPS networks and settings of Tables 1-2
+            code=code_hash("hybrid.stages.localize"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=2 * 60,
+        benchmark:
+            "results/benchmarks/localize.tsv"
+        log:
+            "results/logs/localize.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/localize.py"
+
+
+if AF_OUTPUTS and AF_REGIONS:
+
+    rule sam_regions:
+        input:
+            index="results/shards/index.parquet",
+        output:
+            regions=AF_REGIONS["regions"],
+        params:
+            sam=AF.get("sam") or {},
+            fallback=(AF.get("flare") or {}).get("semantic_fallback", False),
+            weights=model_paths(),
+            code=code_hash("hybrid.regions"),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=4 * 60,
+        benchmark:
+            "results/benchmarks/sam_regions.tsv"
+        log:
+            "results/logs/sam_regions.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/sam_regions.py"

@@ -1,0 +1,27 @@
+"""Snakemake adapter: AnomalyFactory's FlareGenerator, from the Boot checkpoint, resuming from its work folder."""
+
+from hybrid.log import setup_logging
+from hybrid.stages.flare import run_flare
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+p = snakemake.params  # noqa: F821
+run_flare(
+    index=snakemake.input.index,  # noqa: F821
+    manifest=snakemake.input.manifest,  # noqa: F821
+    boot=snakemake.input.boot,  # noqa: F821
+    checkpoint=snakemake.output.checkpoint,  # noqa: F821
+    losses=snakemake.output.losses,  # noqa: F821
+    samples=snakemake.output.samples,  # noqa: F821
+    work_root=p.work_root,
+    train_cfg=p.train,
+    flare_cfg=p.flare,
+    augment_cfg=p.augment,
+    manipulate_cfg=p.manipulate,
+    sam_cfg=p.sam,
+    regions=snakemake.input.get("regions"),  # noqa: F821 (only with semantic regions)
+    select=p.select,
+    per_dataset=p.per_dataset,
+    seed=p.seed,
+    weights=p.weights,
+    threads=snakemake.threads,  # noqa: F821
+)

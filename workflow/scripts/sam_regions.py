@@ -1,0 +1,15 @@
+"""Snakemake adapter: SAM candidate regions of every preprocessed image (AnomalyFactory's semantic regions)."""
+
+from hybrid.log import setup_logging
+from hybrid.regions import run_sam_regions
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+p = snakemake.params  # noqa: F821
+run_sam_regions(
+    index=snakemake.input.index,  # noqa: F821
+    out=snakemake.output.regions,  # noqa: F821
+    cfg=p.sam,
+    fallback=p.fallback,
+    weights=p.weights,
+    threads=snakemake.threads,  # noqa: F821
+)
