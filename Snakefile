@@ -12,6 +12,11 @@ include: "rules/train.smk"
 include: "rules/generate.smk"
 include: "rules/evaluate.smk"
 include: "rules/classify.smk"
+include: "rules/baselines.smk"
+include: "rules/fewshot.smk"
+include: "rules/classify_defects.smk"
+include: "rules/segment.smk"
+include: "rules/anomalyfactory.smk"  # before report.smk: it adds the report's localize input
 include: "rules/report.smk"
 include: "rules/models.smk"
 
@@ -25,5 +30,11 @@ rule all:
         "results/generated/manifest.parquet",
         "results/metrics/evaluate.json",
         list(CLASSIFY_OUTPUTS.values()),  # butterfly layouts only (empty elsewhere)
+        list(BASELINES_OUTPUTS.values()),  # industrial layouts by default (baselines.enabled)
+        list(FEWSHOT_OUTPUTS.values()),  # industrial layouts by default (fewshot.enabled)
+        list(CLASSIFY_DEFECTS_OUTPUTS.values()),  # industrial layouts by default
+        list(SEGMENT_OUTPUTS.values()),  # industrial layouts by default (segment.enabled)
+        EXPORT_OUTPUTS,  # the MVTec AD tree of generated anomalies when export.enabled
+        list(AF_OUTPUTS.values()),  # AnomalyFactory: boot, flare, blaze, localize (anomalyfactory.enabled)
         "results/report/index.html",
     default_target: True

@@ -4,17 +4,6 @@
 # shards. By default a stage of industrial layouts only (baselines.enabled: auto); BASELINES_OUTPUTS
 # is empty where it is off, as CLASSIFY_OUTPUTS is for non-butterfly layouts.
 
-INDUSTRIAL_LAYOUTS = ("mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder", "demo_industrial")
-
-# A stage's `enabled`: true / false as given, auto (the default) = on for industrial layouts.
-# (A lambda: `snakemake --lint` wants functions in rules/common.smk, which this stage does not own.)
-stage_enabled = lambda section: (
-    config["dataset"]["layout"] in INDUSTRIAL_LAYOUTS
-    if (config.get(section) or {}).get("enabled", "auto") == "auto"
-    else bool(config[section]["enabled"])
-)
-
-
 BASELINES_OUTPUTS = (
     {"manifest": "results/baselines/manifest.parquet"} if stage_enabled("baselines") else {}
 )

@@ -1,7 +1,7 @@
 # Classify defects: a ResNet-34 trained on the generated local anomalies of each decoder (labelled
 # with the defect type they were generated from) classifies the real eval anomalies (paper 003,
 # Tables 5 and 7). Needs the industrial protocol (generate.local.source: base); on by default for
-# industrial layouts (classify_defects.enabled: auto, see stage_enabled in rules/baselines.smk).
+# industrial layouts (classify_defects.enabled: auto, see stage_enabled in rules/common.smk).
 
 
 CLASSIFY_DEFECTS_OUTPUTS = (

@@ -7,6 +7,8 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from hybrid.autoconf import INDUSTRIAL_LAYOUTS, ConfigError, check_config, resolve_auto, schema_errors
+
 
 def _coerce(value, schema):
     """Snakemake parses nested `--config key='{...}'` values as strings: turn them into the
@@ -36,7 +38,16 @@ def _coerce(value, schema):
 
 SCHEMA = yaml.safe_load((Path(workflow.basedir) / "config" / "schema.yaml").read_text())
 config.update(_coerce(dict(config), SCHEMA))
+# Schema mistakes as one line each (key, problem, allowed values), not the whole schema.
+_schema_errors = schema_errors(config, SCHEMA, "config/schema.yaml")
+if _schema_errors:
+    raise ConfigError("the configuration does not match the schema:\n  - " + "\n  - ".join(_schema_errors))
 validate(config, "../config/schema.yaml")
+# `auto` settings follow the data (hybrid/autoconf.py); then every cross-field rule is checked
+# here, before any job, so a mistake never costs a job's previous outputs.
+_resolved, AUTO_NOTES = resolve_auto(config)
+config.update(_resolved)
+check_config(config, "results/manifest.parquet")
 
 REPO = Path(workflow.basedir)
 PACKAGE = REPO / "hybrid"
@@ -88,22 +99,34 @@ def model_paths():
     return dict(config["models"].get("paths") or {})
 
 
+def stage_enabled(section):
+    """A stage's `enabled`: true / false as given; auto (the default) = on for industrial layouts."""
+    value = (config.get(section) or {}).get("enabled", "auto")
+    if value == "auto":
+        return config["dataset"]["layout"] in INDUSTRIAL_LAYOUTS
+    return bool(value)
+
+
 # --- data -----------------------------------------------------------------------------------
 
 DEMO_DIR = "results/data/demo"
 
 
 def ingest_inputs(wildcards):
-    """The demo's CSVs, or the dataset's own CSVs where the layout has them."""
+    """The demo's CSVs (or the industrial demo's demo.json), or the dataset's own CSVs where the
+    layout has them."""
     if config["dataset"]["layout"] == "demo":
         return [f"{DEMO_DIR}/butterfly_anomaly_train.csv", f"{DEMO_DIR}/ref_test.csv"]
+    if config["dataset"]["layout"] == "demo_industrial":
+        return [f"{DEMO_INDUSTRIAL_DIR}/demo.json"]
     opts = config["dataset"]["options"]
     csvs = [opts.get("train_csv"), *(opts.get("reference_csvs") or {}).values()]
     return [c for c in csvs if c]
 
 
 def reader_options():
-    """Reader keyword arguments: the demo is read by the Heliconius reader from DEMO_DIR."""
+    """Reader keyword arguments: the demo is read by the Heliconius reader from DEMO_DIR, the
+    industrial demo by its reader (mvtec_ad plus height maps) from DEMO_INDUSTRIAL_DIR (rules/data.smk)."""
     if config["dataset"]["layout"] == "demo":
         return {
             "image_dir": f"{DEMO_DIR}/images",
@@ -111,6 +134,8 @@ def reader_options():
             "reference_csvs": {"test": f"{DEMO_DIR}/ref_test.csv"},
             "depth_dir": f"{DEMO_DIR}/depth",
         }
+    if config["dataset"]["layout"] == "demo_industrial":
+        return {"root": DEMO_INDUSTRIAL_DIR}
     return dict(config["dataset"]["options"])
 
 
@@ -149,6 +174,14 @@ def report_inputs(wildcards):
     }
     if CLASSIFY_OUTPUTS:
         inputs["classify"] = CLASSIFY_OUTPUTS["json"]
+    if SEGMENT_OUTPUTS:  # rules/segment.smk; its strips come with it (same job)
+        inputs["segment"] = SEGMENT_OUTPUTS["json"]
+    if CLASSIFY_DEFECTS_OUTPUTS:  # rules/classify_defects.smk
+        inputs["classify_defects"] = CLASSIFY_DEFECTS_OUTPUTS["json"]
+    if BASELINES_OUTPUTS:  # rules/baselines.smk
+        inputs["baselines"] = BASELINES_OUTPUTS["manifest"]
+    if FEWSHOT_OUTPUTS:  # rules/fewshot.smk
+        inputs["fewshot"] = FEWSHOT_OUTPUTS["json"]
     return inputs
 
 
@@ -172,5 +205,10 @@ def needed_weights():
     cl = config["classify"]
     if CLASSIFY_OUTPUTS and cl.get("weights", "auto") != "random" and cl.get("model", "dinov2_base").startswith("dinov2_"):
         names.append(cl.get("model", "dinov2_base"))
+    fs, cd = config["fewshot"], config["classify_defects"]
+    if FEWSHOT_OUTPUTS and fs.get("weights", "auto") != "random":
+        names.append(fs.get("backbone", "resnet18"))
+    if CLASSIFY_DEFECTS_OUTPUTS and cd.get("weights", "auto") != "random":
+        names.append(cd.get("arch", "resnet34"))
     names += config["models"].get("fetch") or []
     return sorted(set(names))

@@ -1,7 +1,7 @@
 # Few-shot: PatchCore fitted on k real normal images per category, alone and together with normal
 # images generated from those same k images by the trained generator, scored on the real test set
 # (image AUROC, pixel AUROC, AU-PRO). Industrial layouts by default (fewshot.enabled: auto, see
-# stage_enabled in rules/baselines.smk); FEWSHOT_OUTPUTS is empty where it is off.
+# stage_enabled in rules/common.smk); FEWSHOT_OUTPUTS is empty where it is off.
 
 
 FEWSHOT_OUTPUTS = (

@@ -8,6 +8,7 @@ rule report:
         html="results/report/index.html",
     params:
         config=config,
+        auto=AUTO_NOTES,
         code=code_hash("hybrid.report"),
     resources:
         mem_mb=4000,

@@ -8,11 +8,9 @@
 # Export: the generated anomalies and masks as an MVTec AD folder tree (export.enabled puts it in
 # `all`; `snakemake export` makes it on demand).
 
-BUTTERFLY_LAYOUTS = ("demo", "heliconius")
-SEGMENT_ENABLED = (config.get("segment") or {}).get("enabled", "auto")
 SEGMENT_OUTPUTS = (
     {"json": "results/metrics/segment.json", "table": "results/metrics/segment.parquet"}
-    if (config["dataset"]["layout"] not in BUTTERFLY_LAYOUTS if SEGMENT_ENABLED == "auto" else SEGMENT_ENABLED)
+    if stage_enabled("segment")
     else {}
 )
 EXPORT_OUTPUTS = ["results/export"] if (config.get("export") or {}).get("enabled") else []

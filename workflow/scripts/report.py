@@ -8,6 +8,7 @@ inputs = snakemake.input  # noqa: F821
 build_report(
     snakemake.output.html,  # noqa: F821
     config=snakemake.params.config,  # noqa: F821
+    auto_notes=snakemake.params.auto,  # noqa: F821
     manifest=inputs.manifest,
     shard_index=inputs.index,
     ingest_skipped=inputs.ingest_skipped,
@@ -15,4 +16,9 @@ build_report(
     generated_manifest=inputs.generated,
     evaluate_json=inputs.evaluate,
     classify_json=inputs.get("classify"),
+    segment_json=inputs.get("segment"),
+    baselines_manifest=inputs.get("baselines"),
+    fewshot_json=inputs.get("fewshot"),
+    classify_defects_json=inputs.get("classify_defects"),
+    localize_json=inputs.get("localize"),  # rules/anomalyfactory.smk adds it when anomalyfactory.enabled
 )
