@@ -40,8 +40,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,7 @@ class GenerateConfig:
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
     sheet_rows: int = 4  # pairs per kind on each category's contact sheet
     feature_noise: float = 0.0  # std of the noise added to the encoded features (AnomalyFactory)
+    chunks: int = 1  # the workflow's scatter: this many jobs, each writing a range of shards, then a gather
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
@@ -128,8 +131,8 @@ class GenerateConfig:
         if self.precision not in ("auto", "fp32", "bf16") or self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"generate device {self.device!r} / precision {self.precision!r}: use device "
                              "auto|cpu|cuda and precision auto|fp32|bf16")
-        if self.batch_size < 1 or self.shard_size < 1 or self.sheet_rows < 0 or self.workers < 0:
-            raise ValueError("generate.batch_size and shard_size must be >= 1, sheet_rows and workers >= 0")
+        if self.batch_size < 1 or self.shard_size < 1 or self.sheet_rows < 0 or self.workers < 0 or self.chunks < 1:
+            raise ValueError("generate.batch_size, shard_size and chunks must be >= 1, sheet_rows and workers >= 0")
         if self.feature_noise < 0:
             raise ValueError(f"generate.feature_noise {self.feature_noise} must be >= 0 (a standard deviation)")
 
@@ -253,8 +256,9 @@ def base_pairs(rows: pd.DataFrame, cfg: PairingConfig, seed: int, kind: str) -> 
         raise ValueError(f"generate.{kind}.source: base needs base-set anomalies (the manifest's protocol column, "
                          "set at ingest for layouts with defect types: mvtec_ad, mvtec_3d, mvtec_loco, visa, "
                          f"folder with defect folders); this manifest has none. Use generate.{kind}.source: select")
+    # a layout without defect types (VisA's split CSV) has one group per category: "anomaly"
     base = rows[rows["protocol"] == "base"].assign(category=lambda d: d["category"].astype(str),
-                                                   defect=lambda d: d["defect"].astype(str))
+                                                   defect=lambda d: d["defect"].astype("string").fillna("anomaly"))
     out = []
     for c, sub in base.groupby("category", sort=True):
         groups = {d: g["sample_id"].astype(str).tolist() for d, g in sub.groupby("defect", sort=True)}
@@ -370,17 +374,35 @@ def add_depth_level(G_star: Generator, batch: Mapping[str, torch.Tensor], out: d
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), or (B, H, W) for one channel."""
-    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return _uint8_tensor(x).numpy()
+
+
+def _uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`to_uint8` as a tensor on ``x``'s device (a view with channels last)."""
+    a = x.float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8).permute(0, 2, 3, 1)
     return a[..., 0] if a.shape[-1] == 1 else a
 
 
 def _depth_uint16(x: torch.Tensor) -> np.ndarray:
-    return ((x[:, 0].float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32).numpy().astype(np.uint16)
+    return _depth_int32(x).numpy().astype(np.uint16)
+
+
+def _depth_int32(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 1, H, W) -> (B, H, W) int32 in 0..65535 (stored as uint16), on ``x``'s device."""
+    return x[:, 0].float().clamp(-1, 1).add_(1).mul_(32767.5).round_().to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- the stage
+def part_range(n: int, part: int, parts: int) -> range:
+    """The ``part``-th (0-based) of ``parts`` contiguous ranges that split ``range(n)`` evenly."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
+    return range(part * n // parts, (part + 1) * n // parts)
+
+
 def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_dir: str | Path,
-             cfg: GenerateConfig, depth_checkpoint: str | Path | None = None) -> pd.DataFrame:
+             cfg: GenerateConfig, depth_checkpoint: str | Path | None = None,
+             part: tuple[int, int] | None = None, gather: bool = False) -> pd.DataFrame:
     """Write ``out_dir/shard-*.h5``, ``out_dir/manifest.parquet`` and ``out_dir/sheets/<category>.png``.
 
     ``index`` is the preprocess stage's index.parquet (its shards beside it); ``manifest`` the
@@ -388,6 +410,11 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
     AnomalyHybrid* checkpoint (train_depth) that adds aligned ``depth_generated`` /
     ``edge_generated`` maps to every image. Returns the generated manifest. Shards whose
     fingerprint matches are kept.
+
+    ``part`` = (k, K): write only the k-th of K contiguous ranges of shards (one job of the
+    workflow's scatter, ``generate.chunks``) and return their rows. ``gather``: after the K parts,
+    write no shard (each must be there) and write the manifest and the sheets as one job would;
+    the parts' device and precision are theirs (a gather on a CPU node does not redo GPU shards).
     """
     index = Path(index)
     out_dir = Path(out_dir)
@@ -404,20 +431,29 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
     decoders = json.loads((Path(checkpoint) / "config.json").read_text())["model"].get("decoders", ["AHD", "AHE"])
     per_shard = max(1, cfg.shard_size // len(decoders))
     chunks = [jobs[i:i + per_shard] for i in range(0, len(jobs), per_shard)]
+    mine = part_range(len(chunks), *part) if part is not None else range(len(chunks))
     star_depth = None
     if depth_checkpoint is not None:
         load_generator(depth_checkpoint, torch.device("cpu"), level="depth")  # the level, before any work
         star_depth = json.loads((Path(depth_checkpoint) / "config.json").read_text()).get("data", {}).get(
             "depth_field", "depth")
-    base = _fingerprint(checkpoint, shard_dir, index_df, cfg, device, precision)
-    if depth_checkpoint is not None:
-        base = _fingerprint(depth_checkpoint, shard_dir, index_df, cfg, device, precision, base)
-    prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
-              for c in chunks]
-    todo = [i for i in range(len(chunks)) if not shard_is_current(out_dir / shard_name(i), prints[i])]
-    log.info("generate: %d pairs (%s) x %d decoders in %d shards (%d to write, %d kept) on %s, %s",
+    if gather:
+        missing = [shard_name(i) for i in range(len(chunks)) if not (out_dir / shard_name(i)).exists()]
+        if missing:
+            raise FileNotFoundError(f"generate gather: {len(missing)} shards are missing in {out_dir} "
+                                    f"({', '.join(missing[:5])}); rerun the generate_chunk jobs that write them")
+        todo: list[int] = []
+    else:
+        base = _fingerprint(checkpoint, shard_dir, index_df, cfg, device, precision)
+        if depth_checkpoint is not None:
+            base = _fingerprint(depth_checkpoint, shard_dir, index_df, cfg, device, precision, base)
+        prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
+                  for c in chunks]
+        todo = [i for i in mine if not shard_is_current(out_dir / shard_name(i), prints[i])]
+    log.info("generate: %d pairs (%s) x %d decoders in %d shards (%s%d to write, %d kept) on %s, %s",
              len(jobs), ", ".join(f"{k} {sum(j.kind == k for j in jobs)}" for k in cfg.kinds), len(decoders),
-             len(chunks), len(todo), len(chunks) - len(todo), device, precision)
+             len(chunks), f"part {part[0] + 1} of {part[1]}: shards {mine.start}-{mine.stop - 1}, " if part else "",
+             len(todo), len(mine) - len(todo), device, precision)
     samples = Samples(index_df, shard_dir, star_depth)
     if todo:
         G = load_generator(checkpoint, device)
@@ -428,10 +464,14 @@ def generate(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, 
         if depth_checkpoint is not None:
             attrs["depth_checkpoint"] = str(depth_checkpoint)
         bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(decoders), desc="generate", unit="img")
-        for i in todo:
-            _write_chunk(out_dir / shard_name(i), chunks[i], G, samples, cfg, precision,
-                         {**attrs, "fingerprint": prints[i]}, bar, G_star)
+        _write_shards([(out_dir / shard_name(i), chunks[i], {**attrs, "fingerprint": prints[i]}) for i in todo],
+                      G, samples, cfg, precision, bar, G_star)
         bar.close()
+    if part is not None:
+        samples.data.close()
+        if not len(mine):
+            return pd.DataFrame(columns=MANIFEST_COLUMNS)
+        return read_generated([out_dir / shard_name(i) for i in mine])
     for stale in out_dir.glob("shard-*.h5"):
         if int(stale.stem.split("-")[1]) >= len(chunks):
             stale.unlink()
@@ -465,9 +505,25 @@ class Samples:
         self.star_depth = star_depth
         self.data = ShardDataset(index_df, fields, shard_dir, raw=True)
         self.pos = {s: i for i, s in enumerate(index_df["sample_id"])}
+        self._where = list(zip(index_df["shard"].astype(str), index_df["index"].astype(int)))
+        self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
+        self._pid = os.getpid()
+
+    def _array(self, shard: str, name: str) -> h5py.Dataset:
+        """The shard's dataset ``name``, looked up once per process (DataLoader workers get their own)."""
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        a = self._arrays.get((shard, name))
+        if a is None:
+            a = self._arrays[shard, name] = self.data._file(shard)[name]
+        return a
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": {}}
 
     def raw(self, sample_id: str) -> dict:
-        return self.data[self.pos[sample_id]]
+        shard, j = self._where[self.pos[sample_id]]
+        return {"sample_id": str(sample_id), **{k: self._array(shard, k)[j] for k in self.data.fields}}
 
     def mask(self, sample_id: str) -> np.ndarray:
         """The sample's ground-truth mask (H, W) bool; a clear error when the shards hold none."""
@@ -482,18 +538,30 @@ class Samples:
 
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
         item = self.raw(sample_id)
-        out = {k: to_unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
+        out = {k: _unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
         if self.star_depth is not None:
-            out["star_depth"] = to_unit(item[self.star_depth], self.star_depth)
+            out["star_depth"] = _unit(item[self.star_depth], self.star_depth)
         return out
 
 
+def _unit(a: np.ndarray, name: str) -> torch.Tensor:
+    """:func:`hybrid.data.shards.to_unit` computed in place on one float copy: the same values."""
+    scale = 65535.0 if name.startswith("depth") or a.dtype == np.uint16 else 255.0
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).mul_(2.0 / scale).sub_(1.0)
+    return t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
+
+
 class PairConditions(torch.utils.data.Dataset):
-    """The :func:`conditions` of each job, so a DataLoader prepares them in worker processes."""
+    """The :func:`conditions` of each job, so a DataLoader prepares them in worker processes.
+
+    ``encoded``: items also hold the fed maps and the region as the shards store them
+    (``stored_region``, ``stored_edge`` uint8 (H, W), ``stored_depth`` int32 (H, W), the uint16
+    values), so the workers, not the main process, convert them."""
 
     def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig,
-                 G: Generator | None = None, noise: float = 0.0) -> None:
+                 G: Generator | None = None, noise: float = 0.0, encoded: bool = False) -> None:
         self.jobs, self.samples, self.cfg, self.G, self.noise = list(jobs), samples, cfg, G, noise
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -509,47 +577,164 @@ class PairConditions(torch.utils.data.Dataset):
             item |= {"source_depth": star_depth, "source_edge": tgt["edge"]}
         if self.noise:
             item["feature_noise"] = feature_noise(self.G, j.seed, self.noise, *tgt["image"].shape[-2:])
+        if self.encoded:
+            item["stored_region"] = item["region"][0].to(torch.uint8) * 255
+            if "target_edge" in item:
+                item["stored_edge"] = _uint8_tensor(item["target_edge"][None])[0]
+            if "target_depth" in item:
+                item["stored_depth"] = _depth_int32(item["target_depth"][None])[0]
         return item
 
 
-def _write_chunk(path: Path, jobs: list[Job], G: Generator, samples: Samples, cfg: GenerateConfig,
-                 precision: str, attrs: dict, bar: tqdm, G_star: Generator | None = None) -> None:
-    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "mask", "region", "edge", "depth",
-                                                            "depth_generated", "edge_generated")}
-    strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
-    cuda = next(G.parameters()).device.type == "cuda"
-    loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=cuda)
-    done = 0
-    for batch in loader:
-        out = run_generator(G, batch, precision)
+# Shard arrays in the order they are written; "edge" / "depth" are the fed maps.
+_ARRAYS = ("image", "mask", "region", "edge", "depth", "depth_generated", "edge_generated")
+_DTYPES = {"depth": np.uint16, "depth_generated": np.uint16}
+
+
+@torch.inference_mode()
+def _encode(G: Generator, batch: Mapping[str, torch.Tensor], precision: str,
+            G_star: Generator | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Each decoder's outputs as the shards store them, computed on G's device (asynchronously on
+    a GPU): ``image`` uint8 (B, H, W, C), ``mask`` uint8 (B, H, W), with AH* ``depth_generated``
+    int32 (B, H, W) (the uint16 values) and ``edge_generated`` uint8 (B, H, W). The same numbers as
+    :func:`run_generator` (+ :func:`add_depth_level`) followed by :func:`to_uint8`: the same
+    elementwise operations, on the device instead of the host."""
+    device = next(G.parameters()).device
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
+    noise = batch.get("feature_noise")
+    noise = noise.to(device, non_blocking=True) if noise is not None else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = G(x, noise)
+    star_maps = None
+    if G_star is not None:
+        star_maps = {k: batch[f"source_{k}"].to(device, non_blocking=True) for k in ("depth", "edge")}
+    result = {}
+    for d, o in out.items():
+        enc = {"image": _uint8_tensor(o["image"]).contiguous(),
+               "mask": o["mask"][:, 0].float().clamp(0, 1).mul_(255).round_().to(torch.uint8)}
         if G_star is not None:
-            add_depth_level(G_star, batch, out, precision)
-        region = batch["region"][:, 0].numpy().astype(np.uint8) * 255
-        edge = to_uint8(batch["target_edge"]) if "target_edge" in batch else None
-        depth = _depth_uint16(batch["target_depth"]) if "target_depth" in batch else None
-        for k, j in enumerate(jobs[done:done + len(region)]):
-            for d in G.decoder_names:
-                arrays["image"].append(to_uint8(out[d]["image"][k:k + 1])[0])
-                arrays["mask"].append((out[d]["mask"][k, 0] * 255).round().to(torch.uint8).numpy())
-                arrays["region"].append(region[k])
-                if edge is not None:
-                    arrays["edge"].append(edge[k])
-                if depth is not None:
-                    arrays["depth"].append(depth[k])
-                if "depth_generated" in out[d]:
-                    arrays["depth_generated"].append(_depth_uint16(out[d]["depth_generated"][k:k + 1])[0])
-                if "edge_generated" in out[d]:
-                    arrays["edge_generated"].append(to_uint8(out[d]["edge_generated"][k:k + 1])[0])
+            image = o["image"].float().clamp(-1, 1)
+            xs = G_star.inputs({"target_image": image, "reference_depth": star_maps["depth"],
+                                "reference_edge": star_maps["edge"]}).contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                star = G_star(xs)
+            if "AHD" in star:
+                enc["depth_generated"] = _depth_int32(star["AHD"]["image"].float().clamp(-1, 1))
+            if "AHE" in star:
+                enc["edge_generated"] = _uint8_tensor(star["AHE"]["image"].float().clamp(-1, 1)).contiguous()
+        result[d] = enc
+    return result
+
+
+class _Shard:
+    """One output shard filled a batch at a time: preallocated arrays, rows pair-major (each pair's
+    decoders in turn), and the string columns, known from the jobs up front."""
+
+    def __init__(self, path: Path, jobs: list[Job], attrs: dict, decoders: list[str]) -> None:
+        self.path, self.jobs, self.attrs, self.decoders = path, jobs, attrs, decoders
+        self.filled = 0  # pairs
+        self.arrays: dict[str, np.ndarray] = {}
+        self.strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
+        for j in jobs:
+            for d in decoders:
                 for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
                                    ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
                                    ("manipulation", j.manipulation), ("category", j.category),
                                    ("defect", j.defect), ("kind", j.kind)):
-                    strings[key].append(value)
-        done += len(region)
-        bar.update(len(region) * len(G.decoder_names))
-    write_shard(path, {k: np.stack(v) for k, v in arrays.items() if v}, strings, attrs)
-    log.info("generate: wrote %s (%d images)", path.name, len(strings["sample_id"]))
+                    self.strings[key].append(value)
+
+    def fill(self, per_decoder: Mapping[str, Mapping[str, np.ndarray]], fed: Mapping[str, np.ndarray]) -> int:
+        """Store the next batch: ``per_decoder[d][name]`` (B, ...) and the fed maps ``fed[name]``
+        (B, ...), shared by the decoders of a pair. Returns the batch's pair count."""
+        nd = len(self.decoders)
+        first = per_decoder[self.decoders[0]]
+        b = len(first["image"])
+        if not self.arrays:
+            present = {**first, **fed}
+            for name in _ARRAYS:
+                if name in present:
+                    shape = (len(self.jobs) * nd, *present[name].shape[1:])
+                    self.arrays[name] = np.empty(shape, _DTYPES.get(name, np.uint8))
+        rows = slice(self.filled * nd, (self.filled + b) * nd)
+        for name, a in self.arrays.items():
+            view = a[rows].reshape(b, nd, *a.shape[1:])
+            if name in fed:
+                view[:] = fed[name][:, None]
+            else:
+                for k, d in enumerate(self.decoders):
+                    view[:, k] = per_decoder[d][name]
+        self.filled += b
+        return b
+
+    @property
+    def full(self) -> bool:
+        return self.filled == len(self.jobs)
+
+    def write(self) -> None:
+        write_shard(self.path, self.arrays, self.strings, self.attrs)
+        log.info("generate: wrote %s (%d images)", self.path.name, len(self.strings["sample_id"]))
+
+
+def _write_shards(shards: list[tuple[Path, list[Job], dict]], G: Generator, samples: Samples, cfg: GenerateConfig,
+                  precision: str, bar: tqdm, G_star: Generator | None = None) -> None:
+    """Generate and write ``shards`` ((path, jobs, attrs) each). One DataLoader reads the pairs of
+    all of them (workers start once); each shard's jobs are cut into batches of
+    ``cfg.batch_size`` as a shard of its own would be (so outputs never depend on which shards are
+    written together). Outputs are encoded on the device; on a GPU, the copy back of one batch
+    overlaps the next batch's work. A finished shard is written in a background thread while the
+    next one is generated (one write in flight, so at most two shards are held)."""
+    cuda = next(G.parameters()).device.type == "cuda"
+    jobs = [j for _, js, _ in shards for j in js]
+    batches, start = [], 0
+    for _, js, _ in shards:
+        batches += [list(range(start + k, start + min(k + cfg.batch_size, len(js))))
+                    for k in range(0, len(js), cfg.batch_size)]
+        start += len(js)
+    data = PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise, encoded=True)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=cuda)
+    todo = iter(shards)
+    shard = _Shard(*next(todo), G.decoder_names)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    writing: Future | None = None
+    held = None  # the previous batch: its encoded outputs (copies to the host in flight) and fed maps
+
+    def store(item: tuple) -> None:
+        nonlocal shard, writing
+        outputs, fed, ready = item
+        if ready is not None:
+            ready.synchronize()
+        n = shard.fill({d: {k: v.numpy() for k, v in o.items()} for d, o in outputs.items()}, fed)
+        bar.update(n * len(shard.decoders))
+        if shard.full:
+            if writing is not None:
+                writing.result()  # one write at a time; raises its error here
+            writing = writer.submit(shard.write)
+            nxt = next(todo, None)
+            shard = _Shard(*nxt, G.decoder_names) if nxt is not None else None
+
+    try:
+        for batch in loader:
+            outputs = _encode(G, batch, precision, G_star)
+            ready = None
+            if cuda:  # copy back into pinned memory without waiting; the event says when it is there
+                outputs = {d: {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                               for k, v in o.items()} for d, o in outputs.items()}
+                ready = torch.cuda.Event()
+                ready.record()
+            fed = {"region": batch["stored_region"].numpy()}
+            for name in ("edge", "depth"):
+                if f"stored_{name}" in batch:
+                    fed[name] = batch[f"stored_{name}"].numpy()
+            if held is not None:
+                store(held)
+            held = (outputs, fed, ready)
+        if held is not None:
+            store(held)
+        if writing is not None:
+            writing.result()
+    finally:
+        writer.shutdown(wait=True)  # a write in progress finishes (whole, under its temporary name)
 
 
 def _fingerprint(checkpoint: str | Path, shard_dir: Path, index_df: pd.DataFrame, cfg: GenerateConfig,

@@ -1,0 +1,145 @@
+"""The generate stage's fast host path writes the very bytes of the plain per-pair path.
+
+The stage converts outputs on the device, fills each shard's arrays a batch at a time, reads pairs
+through one DataLoader for all shards and writes shards in a background thread. ``reference_shards``
+below is the plain path it replaced (one pair and one decoder at a time, a DataLoader per shard,
+then ``np.stack``), kept here as the definition of the outputs: every shard must be byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hybrid.data.shards import read_attrs, shard_name, to_unit, write_shard
+from hybrid.generate import (
+    _STRINGS,
+    PairConditions,
+    Samples,
+    add_depth_level,
+    generate,
+    load_generator,
+    plan_jobs,
+    run_generator,
+)
+from hybrid.models.generator import Generator
+from tests.test_generate import TINY, make_dataset, save_tiny_checkpoint, small_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def _depth_uint16(x: torch.Tensor) -> np.ndarray:
+    return ((x[:, 0].float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32).numpy().astype(np.uint16)
+
+
+class PlainSamples(Samples):
+    """Samples read as before: ShardDataset items, then to_unit."""
+
+    def raw(self, sample_id: str) -> dict:
+        return self.data[self.pos[sample_id]]
+
+    def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
+        item = self.raw(sample_id)
+        out = {k: to_unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
+        if self.star_depth is not None:
+            out["star_depth"] = to_unit(item[self.star_depth], self.star_depth)
+        return out
+
+
+def reference_shards(out: Path, checkpoint: Path, index: Path, manifest: pd.DataFrame, cfg,
+                     depth_checkpoint: Path | None = None) -> None:
+    """Every shard of a run written the plain way, with the attributes of the stage's own shards."""
+    index_df = pd.read_parquet(index)
+    rows = manifest.merge(index_df[["sample_id"]], on="sample_id")
+    jobs = plan_jobs(rows, cfg)
+    G = load_generator(checkpoint, torch.device("cpu"))
+    G_star = load_generator(depth_checkpoint, torch.device("cpu"), "depth") if depth_checkpoint else None
+    star_depth = None
+    if depth_checkpoint is not None:
+        star_depth = json.loads((depth_checkpoint / "config.json").read_text()).get("data", {}).get("depth_field",
+                                                                                                   "depth")
+    samples = PlainSamples(index_df, index.parent, star_depth)
+    per_shard = max(1, cfg.shard_size // len(G.decoder_names))
+    chunks = [jobs[i:i + per_shard] for i in range(0, len(jobs), per_shard)]
+    for i, chunk in enumerate(chunks):
+        attrs = {k: v for k, v in read_attrs(index.parent / index_df["shard"].iloc[0]).items()
+                 if k in ("resolution", "fit", "edge_model", "depth_source")}
+        attrs["checkpoint"] = str(checkpoint)
+        if depth_checkpoint is not None:
+            attrs["depth_checkpoint"] = str(depth_checkpoint)
+        attrs["fingerprint"] = read_attrs(out.parent / "stage" / shard_name(i))["fingerprint"]
+        _plain_write_chunk(out / shard_name(i), chunk, G, samples, cfg, attrs, G_star)
+    samples.data.close()
+
+
+def _plain_write_chunk(path, jobs, G, samples, cfg, attrs, G_star) -> None:
+    """hybrid.generate._write_chunk as it was before the fast path (the reference)."""
+    arrays = {k: [] for k in ("image", "mask", "region", "edge", "depth", "depth_generated", "edge_generated")}
+    strings = {k: [] for k in _STRINGS}
+    loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise),
+                                         batch_size=cfg.batch_size, num_workers=0)
+    done = 0
+    for batch in loader:
+        out = run_generator(G, batch, "fp32")
+        if G_star is not None:
+            add_depth_level(G_star, batch, out, "fp32")
+        region = batch["region"][:, 0].numpy().astype(np.uint8) * 255
+        edge = to_uint8(batch["target_edge"]) if "target_edge" in batch else None
+        depth = _depth_uint16(batch["target_depth"]) if "target_depth" in batch else None
+        for k, j in enumerate(jobs[done:done + len(region)]):
+            for d in G.decoder_names:
+                arrays["image"].append(to_uint8(out[d]["image"][k:k + 1])[0])
+                arrays["mask"].append((out[d]["mask"][k, 0] * 255).round().to(torch.uint8).numpy())
+                arrays["region"].append(region[k])
+                if edge is not None:
+                    arrays["edge"].append(edge[k])
+                if depth is not None:
+                    arrays["depth"].append(depth[k])
+                if "depth_generated" in out[d]:
+                    arrays["depth_generated"].append(_depth_uint16(out[d]["depth_generated"][k:k + 1])[0])
+                if "edge_generated" in out[d]:
+                    arrays["edge_generated"].append(to_uint8(out[d]["edge_generated"][k:k + 1])[0])
+                for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
+                                   ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
+                                   ("manipulation", j.manipulation), ("category", j.category),
+                                   ("defect", j.defect), ("kind", j.kind)):
+                    strings[key].append(value)
+        done += len(region)
+    write_shard(path, {k: np.stack(v) for k, v in arrays.items() if v}, strings, attrs)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.h5"))}
+
+
+@pytest.mark.parametrize("case", [
+    {},  # every kind, batches of 2 in shards of 2 pairs
+    {"batch_size": 3, "shard_size": 10, "workers": 1},  # batches cut at shard ends, a worker process
+    {"kinds": ["local", "normal"], "batch_size": 4, "shard_size": 6, "feature_noise": 0.3},
+    {"depth": True, "batch_size": 3, "shard_size": 8},  # AH*: depth_generated and edge_generated
+])
+def test_stage_shards_are_byte_identical_to_the_plain_path(tmp_path, case):
+    case = dict(case)
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    star = None
+    if case.pop("depth", False):
+        star = save_tiny_checkpoint(tmp_path / "star", Generator(level="depth", **TINY),
+                                    data={"depth_field": "depth"}, seed=1)
+    cfg = small_cfg(**case)
+    generate(ckpt, index, manifest, tmp_path / "stage", cfg, depth_checkpoint=star)
+    (tmp_path / "plain").mkdir()
+    reference_shards(tmp_path / "plain", ckpt, index, manifest, cfg, star)
+    stage, plain = digests(tmp_path / "stage"), digests(tmp_path / "plain")
+    assert len(stage) > 1 and stage == plain
