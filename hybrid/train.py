@@ -13,6 +13,14 @@ Losses (pix2pixHD): G = LSGAN + feature matching + VGG19 perceptual (+ optional 
 mask mean) summed over the decoders; D = 0.5 * (real + fake) per decoder. G is updated, then D,
 with Adam. bf16 autocast on request, channels_last on CUDA, DDP under torchrun (WORLD_SIZE).
 
+Speed (train.augment_on, train.compile): on a GPU the three augmentation draws of each pair are
+drawn in the DataLoader (the same per-sample generator, the same order) and applied to the whole
+batch on the device (``augment_on: device``; equal to the per-sample CPU path up to float
+rounding); on a CPU they are applied in the dataset as always. Adam is fused on CUDA; the losses
+stay on the device and are synchronised once per ``log_every`` steps (and before a checkpoint),
+so losses.csv is written in blocks with unchanged rows. ``compile: true`` runs the generator
+through torch.compile and falls back to eager (with a warning) if compiling fails.
+
 Randomness that decides the run is a pure function of the seed: data order of (seed, epoch)
 (DistributedSampler) and augmentations of (seed, epoch, sample index) (torch.Generator seeded in
 the dataset), so a resumed run needs only the step counter to continue the same batches; global
@@ -47,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from hybrid.config import check_keys
-from hybrid.augment import AugmentConfig, augment
+from hybrid.augment import PAD_MODES, AugmentConfig, apply_params, augment, sample_params
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
 from hybrid.models.discriminator import MultiscaleDiscriminator
@@ -57,8 +65,11 @@ log = logging.getLogger(__name__)
 UMASK = os.umask(0)
 os.umask(UMASK)
 DEPTH_FIELDS = ("depth", "depth_sensor", "auto")
-CSV_COLUMNS = ["step", "epoch", "lr", "G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask",
-               "D_total", "D_real", "D_fake"]
+LOSS_NAMES = ["G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask", "D_total", "D_real", "D_fake"]
+CSV_COLUMNS = ["step", "epoch", "lr", *LOSS_NAMES]
+AUGMENT_ON = ("auto", "dataset", "device")
+# Per-sample keys of augment.sample_params (the others, size and pad_mode, are the batch's).
+_PARAM_KEYS = ("tps", "rtp", "flip_lr", "flip_tb", "tps_src", "tps_dst", "tps_box", "rtp_scale", "rtp_shift")
 
 
 @dataclass
@@ -90,11 +101,14 @@ class TrainConfig:
     workers: int = 0
     checkpoint_every: int = 1000  # steps
     sample_every: int = 1000
-    log_every: int = 50
+    log_every: int = 50           # steps; also how often the losses are synchronised to the host
+    augment_on: str = "auto"      # auto (device on CUDA, dataset on CPU) | dataset | device
+    compile: bool = False         # torch.compile the generator (falls back to eager if it fails)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16"), "depth": DEPTH_FIELDS}
+        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16"), "depth": DEPTH_FIELDS,
+                  "augment_on": AUGMENT_ON}
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train config {key}={getattr(self, key)!r}: use one of {list(allowed)}")
@@ -159,14 +173,20 @@ def key_modality(key: str, G: Generator) -> str:
 class PairDataset(Dataset):
     """Index ``(epoch, i)`` -> the generator's named conditions and each decoder's learning target
     (:func:`learns_key`) from sample ``i``, one augmentation per draw of :func:`draw_plan`, drawn
-    in plan order from one generator seeded by (seed, epoch, i)."""
+    in plan order from one generator seeded by (seed, epoch, i).
+
+    ``defer=True``: items are ``{"maps": {modality: (C, H, W)}, "params": {draw: per-sample
+    parameters}}`` with the very same draws, to be applied to a whole batch on the device by
+    :meth:`apply`."""
 
     def __init__(self, base: Dataset, G: Generator, cfg: AugmentConfig, seed: int,
-                 shared_geometry: bool = False) -> None:
-        self.base, self.cfg, self.seed = base, cfg, seed
+                 shared_geometry: bool = False, defer: bool = False) -> None:
+        self.base, self.cfg, self.seed, self.defer = base, cfg, seed, defer
         self.plan = draw_plan(G, shared_geometry)
         self.modality = {k: key_modality(k, G) for keys in self.plan.values() for k in keys}
         self.modalities = [m for m in CHANNELS if m in self.modality.values()]
+        self.used = {draw: [m for m in self.modalities if any(self.modality[k] == m for k in keys)]
+                     for draw, keys in self.plan.items()}
 
     def __len__(self) -> int:
         return len(self.base)
@@ -179,13 +199,37 @@ class PairDataset(Dataset):
             raise KeyError(f"training sample {i} has no {missing} maps (it has {sorted(item)}), which the "
                            "model conditions need; preprocess with an edge model and a depth source")
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, i))
+        maps = {m: torch.as_tensor(item[m], dtype=torch.float32) for m in self.modalities}
+        if self.defer:
+            h, w = maps[self.modalities[0]].shape[-2:]
+            params = {}
+            for draw in self.plan:
+                p = sample_params(1, self.cfg, g, h, w)
+                params[draw] = {k: p[k][0] for k in _PARAM_KEYS}
+            return {"maps": maps, "params": params}
         out = {}
-        for keys in self.plan.values():
-            used = [m for m in self.modalities if any(self.modality[k] == m for k in keys)]
-            x = torch.cat([torch.as_tensor(item[m], dtype=torch.float32) for m in used])[None]
+        for draw, keys in self.plan.items():
+            used = self.used[draw]
+            x = torch.cat([maps[m] for m in used])[None]
             x = augment(x, self.cfg, g)[0]
             at = dict(zip(used, torch.split(x, [CHANNELS[m] for m in used])))
             out |= {k: at[self.modality[k]] for k in keys}
+        return out
+
+    def apply(self, batch: dict, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+              ) -> dict[str, torch.Tensor]:
+        """A collated deferred batch -> the keys of the non-deferred items, stacked, on ``device``:
+        each draw's parameters applied to the whole batch in one :func:`augment.apply_params`."""
+        maps = {m: v.to(device, non_blocking=True) for m, v in batch["maps"].items()}
+        b, _, h, w = maps[self.modalities[0]].shape
+        out = {}
+        for draw, keys in self.plan.items():
+            used = self.used[draw]
+            params = {**batch["params"][draw], "size": torch.tensor([h, w]),
+                      "pad_mode": torch.tensor(PAD_MODES.index(self.cfg.pad_mode))}
+            x = apply_params(torch.cat([maps[m] for m in used], 1), params)
+            at = dict(zip(used, torch.split(x, [CHANNELS[m] for m in used], 1)))
+            out |= {k: at[self.modality[k]].contiguous(memory_format=memory_format) for k in keys}
         return out
 
 
@@ -203,13 +247,18 @@ def split(preds: list[list[torch.Tensor]], n: int) -> list[list[list[torch.Tenso
 
 
 def unwrap(m: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers."""
+    m = getattr(m, "_orig_mod", m)
     return m.module if isinstance(m, DDP) else m
 
 
 def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.optim.Optimizer,
                opt_D: torch.optim.Optimizer, maps: dict[str, torch.Tensor], cfg: TrainConfig,
-               autocast: contextlib.AbstractContextManager) -> tuple[dict[str, float], dict]:
-    """One G update then one D update; returns the losses and the generator outputs."""
+               autocast: contextlib.AbstractContextManager, sync: bool = True) -> tuple[dict[str, float] | torch.Tensor, dict]:
+    """One G update then one D update; returns the losses and the generator outputs.
+
+    ``sync=False``: the losses as one tensor on the device (:data:`LOSS_NAMES` order, averaged over
+    the ranks), not read back, so the step waits for nothing on the host."""
     g = unwrap(G)
     cond = g.inputs(maps)
     decoders = g.decoder_names
@@ -253,6 +302,8 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.o
     if dist.is_initialized():
         dist.all_reduce(v)
         v /= dist.get_world_size()
+    if not sync:
+        return v, out
     return dict(zip(values, v.tolist())), out
 
 
@@ -459,12 +510,15 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
     G.to(device, memory_format=fmt)
     D.to(device, memory_format=fmt)
     vgg = vgg.to(device, memory_format=fmt) if vgg is not None else None
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True if cuda else None)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True if cuda else None)
     if ckpt is not None:
         state = load_state(ckpt, device)
         opt_G.load_state_dict(state["optimizer_G"])
         opt_D.load_state_dict(state["optimizer_D"])
+        for opt in (opt_G, opt_D):  # the saved groups carry the saving device's choice: fused on CUDA only
+            for group in opt.param_groups:
+                group["fused"] = True if cuda else None
         set_rng_state(state["rng"])
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
@@ -473,7 +527,12 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         G = DDP(G, device_ids=[device.index] if cuda else None)
         D = DDP(D, device_ids=[device.index] if cuda else None)
 
-    pairs = PairDataset(dataset, g, aug_cfg, cfg.seed, cfg.shared_geometry)
+    defer = cfg.augment_on == "device" or (cfg.augment_on == "auto" and cuda)
+    pairs = PairDataset(dataset, g, aug_cfg, cfg.seed, cfg.shared_geometry, defer=defer)
+    G_run = G
+    if cfg.compile:
+        G_run = torch.compile(G)
+        log.info("train.compile: the generator runs through torch.compile")
     if len(pairs) == 0:
         raise ValueError("the training dataset is empty; check the preprocess stage's shards")
     steps_per_epoch = len(epoch_batches(len(pairs), cfg, 0, rank, world))
@@ -494,6 +553,28 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
 
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
+    rows: list[tuple[int, int, float, torch.Tensor]] = []  # losses still on the device
+
+    def write_rows(writer: csv.DictWriter) -> dict[str, float]:
+        """Read the held losses back in one go, write their rows; the last step's losses."""
+        values = torch.stack([v for *_, v in rows]).tolist()
+        for (s_, e_, lr_, _), row in zip(rows, values):
+            writer.writerow({"step": s_, "epoch": e_, "lr": lr_, **dict(zip(LOSS_NAMES, row))})
+        rows.clear()
+        return dict(zip(LOSS_NAMES, values[-1]))
+
+    def run_step(maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        nonlocal G_run
+        try:
+            return train_step(G_run, D, vgg, opt_G, opt_D, maps, cfg, autocast, sync=False)
+        except Exception as e:  # noqa: BLE001 (any compiler failure: retry the step eagerly)
+            if G_run is G:
+                raise
+            log.warning("train.compile: torch.compile failed (%s: %s); training eagerly instead",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            G_run = G
+            return train_step(G_run, D, vgg, opt_G, opt_D, maps, cfg, autocast, sync=False)
+
     while step < stop:
         epoch, skip = divmod(step, steps_per_epoch)
         lr = lr_at(cfg, epoch)
@@ -505,20 +586,26 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         with csv_path.open("a", newline="") if rank == 0 else contextlib.nullcontext() as f:
             writer = csv.DictWriter(f, CSV_COLUMNS) if rank == 0 else None
             for batch in loader:
-                maps = {k: v.to(device, non_blocking=True, memory_format=fmt) for k, v in batch.items()}
-                losses, out = train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast)
+                if pairs.defer:
+                    maps = pairs.apply(batch, device, fmt)
+                else:
+                    maps = {k: v.to(device, non_blocking=True, memory_format=fmt) for k, v in batch.items()}
+                losses, out = run_step(maps)
                 step, seen = step + 1, seen + len(next(iter(maps.values()))) * world
                 bar.update(1)
                 if rank == 0:
-                    writer.writerow({"step": step, "epoch": epoch, "lr": lr, **losses})
+                    rows.append((step, epoch, lr, losses))
                     if step % cfg.log_every == 0 or step == stop:
+                        last = write_rows(writer)
                         f.flush()
                         rate, t0, seen = seen / (time.perf_counter() - t0), time.perf_counter(), 0
                         log.info("step %d/%d epoch %d lr %.3g G %.4f D %.4f %.2f img/s", step, total, epoch,
-                                 lr, losses["G_total"], losses["D_total"], rate)
+                                 lr, last["G_total"], last["D_total"], rate)
                     if step % cfg.sample_every == 0 or step == total:
                         save_grid(samples / f"step-{step:08d}.png", maps, out, g.conditions)
                     if step % cfg.checkpoint_every == 0 or step == total:
+                        if rows:
+                            write_rows(writer)
                         f.flush()
                         checkpoint(work_dir / f"ckpt-{step:08d}")
                         for old in work_dir.glob("ckpt-*"):
@@ -528,6 +615,8 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
                     dist.barrier()
                 if step >= stop:
                     break
+            if rows:  # the epoch's last rows, before its file closes
+                write_rows(writer)
     bar.close()
     if step < total:  # stopped early by max_steps, as if killed
         return latest_checkpoint(work_dir) or work_dir
