@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,7 @@ SENSOR_SOURCES = ("sensor", "dataset")
 MAPS_AT = ("working", "original")
 SENSOR_DEPTH = ("auto", True, False)
 # Settings that change how fast, never what: left out of the shard fingerprint.
-_RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels")
+_RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels", "chunks")
 
 
 @dataclass
@@ -78,6 +80,7 @@ class PreprocessConfig:
     maps_batch_pixels: int = 16_777_216  # maps_at original: pixels per batch of originals (16 x 1024^2)
     sensor_depth: str | bool = "auto"  # auto | true | false: also store depth_sensor (see sensor_depth_wanted)
     mask_mismatch: str = "resize"  # a mask of another size than its image: resize (with a warning) | error
+    chunks: int = 1  # the workflow's scatter: this many jobs, each writing a range of shards, then a gather
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -100,6 +103,8 @@ class PreprocessConfig:
                              "the working ones (raise it, or use maps_at: working)")
         if cfg.maps_batch_pixels < 1:
             raise ValueError(f"preprocess.maps_batch_pixels: {cfg.maps_batch_pixels} must be at least 1")
+        if cfg.chunks < 1:
+            raise ValueError(f"preprocess.chunks: {cfg.chunks} must be at least 1 (1 = one job)")
         return cfg
 
 
@@ -334,13 +339,28 @@ class _Pending:
                 it.setdefault(name, arr[k])
 
 
+SKIPPED_COLUMNS = ["shard", "sample_id", "path", "reason"]
+
+
+def part_range(n: int, part: int, parts: int) -> range:
+    """The ``part``-th (0-based) of ``parts`` contiguous ranges that split ``range(n)`` evenly."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
+    return range(part * n // parts, (part + 1) * n // parts)
+
+
 def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig,
-               auto: list[str] | None = None) -> pd.DataFrame:
-    """Write ``out_dir/shard-*.h5``, ``out_dir/index.parquet`` and ``out_dir/skipped.csv``.
+               auto: list[str] | None = None, part: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Write ``out_dir/shard-*.h5``, ``out_dir/index.parquet`` and ``out_dir/skipped.parquet``.
 
     Returns the index (sample_id, shard, index). Shards whose fingerprint matches are kept.
     ``auto``: what the workflow's ``auto`` settings resolved to (logged and stored in the shards'
     ``auto`` attribute).
+
+    ``part`` = (k, K): write only the k-th of K contiguous ranges of shards (one job of the
+    workflow's scatter, ``preprocess.chunks``) and return that range's skipped records (columns
+    :data:`SKIPPED_COLUMNS`) instead of the index; :func:`gather` then writes the index and
+    skipped.parquet from the K records, exactly as one job would have.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,11 +368,13 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     sensor = cfg.depth_source in SENSOR_SOURCES
     store_sensor = sensor_depth_wanted(manifest, cfg)
     n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
-    chunks = [manifest.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in range(n_shards)]
-    prints = [fingerprint(c, cfg, store_sensor) for c in chunks]
-    todo = [i for i in range(n_shards) if not shard_is_current(out_dir / shard_name(i), prints[i])]
-    log.info("preprocess: %d images in %d shards (%d to write, %d kept) on %s",
-             len(manifest), n_shards, len(todo), n_shards - len(todo), device)
+    mine = part_range(n_shards, *part) if part is not None else range(n_shards)
+    chunks = {i: manifest.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in mine}
+    prints = {i: fingerprint(c, cfg, store_sensor) for i, c in chunks.items()}
+    todo = [i for i in mine if not shard_is_current(out_dir / shard_name(i), prints[i])]
+    log.info("preprocess: %d images in %d shards (%s%d to write, %d kept) on %s",
+             len(manifest), n_shards, f"part {part[0] + 1} of {part[1]}: shards {mine.start}-{mine.stop - 1}, "
+             if part is not None else "", len(todo), len(mine) - len(todo), device)
     log.info("preprocess: maps at the %s size%s; depth from %s%s", cfg.maps_at,
              f" (originals above {cfg.maps_max_pixels:,} pixels are reduced to that)" if cfg.maps_at == "original"
              else "", cfg.depth_source,
@@ -360,7 +382,7 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
 
     for note in auto or []:
         log.info("preprocess: %s", note)
-    skipped: list[dict] = _previous_skips(out_dir, {i for i in range(n_shards) if i not in todo})
+    skipped: list[dict] = _previous_skips(out_dir, {i for i in mine if i not in todo})
     if todo:
         maps = _Maps(cfg, device)
         attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **maps.attrs(),
@@ -373,43 +395,76 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
         pending = _Pending(maps, cfg)
         done, acc = 0, []
         bar = tqdm(total=len(rows), desc="preprocess", unit="img")
-        for batch in loader:
-            for it in batch:
-                if it.get("warning"):
-                    log.warning("preprocess: %s", it["warning"])
-                if it["error"] is not None:
-                    if cfg.bad_images == "error":
-                        raise ImageError(it["path"], it["error"].split(": ", 1)[-1] +
-                                         " (or set preprocess.bad_images: skip to leave it out)")
-                    log.warning("skipped %s: %s", it["path"], it["error"])
-                else:
-                    pending.add(it)
-            pending.run_full()
-            # Working size: every batch's maps now (one group). Originals wait a while for more
-            # images of their size, but a shard is written only once all of its maps are made.
-            if (not pending.original or len(pending) >= 2 * cfg.batch_size
-                    or any(j in ends for j in range(done, done + len(batch)))):
-                pending.run_all()
-            for it in batch:
-                acc.append(it)
-                done += 1
-                shard = owners[done - 1]
-                if done == len(owners) or owners[done] != shard:  # the shard's last row: write it
-                    skipped += _flush(out_dir, shard, acc, prints[shard], attrs_common)
-                    acc = []
-            bar.update(len(batch))
+        # Shards are written in a background thread while the next one is decoded and mapped (one
+        # write in flight); its skipped records are known before the write starts.
+        writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        writing: Future | None = None
+        try:
+            for batch in loader:
+                for it in batch:
+                    if it.get("warning"):
+                        log.warning("preprocess: %s", it["warning"])
+                    if it["error"] is not None:
+                        if cfg.bad_images == "error":
+                            raise ImageError(it["path"], it["error"].split(": ", 1)[-1] +
+                                             " (or set preprocess.bad_images: skip to leave it out)")
+                        log.warning("skipped %s: %s", it["path"], it["error"])
+                    else:
+                        pending.add(it)
+                pending.run_full()
+                # Working size: every batch's maps now (one group). Originals wait a while for more
+                # images of their size, but a shard is written only once all of its maps are made.
+                if (not pending.original or len(pending) >= 2 * cfg.batch_size
+                        or any(j in ends for j in range(done, done + len(batch)))):
+                    pending.run_all()
+                for it in batch:
+                    acc.append(it)
+                    done += 1
+                    shard = owners[done - 1]
+                    if done == len(owners) or owners[done] != shard:  # the shard's last row: write it
+                        write, skips = _flush(out_dir, shard, acc, prints[shard], attrs_common)
+                        skipped += skips
+                        if writing is not None:
+                            writing.result()  # one write at a time; raises its error here
+                        writing = writer.submit(write)
+                        acc = []
+                bar.update(len(batch))
+            if writing is not None:
+                writing.result()
+        finally:
+            writer.shutdown(wait=True)  # a write in progress finishes (whole, under its temporary name)
         bar.close()
 
+    if part is not None:
+        log.info("preprocess: part %d of %d done (%d skipped)", part[0] + 1, part[1], len(skipped))
+        return pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    return _finish(out_dir, n_shards, skipped)
+
+
+def gather(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig, records: list) -> pd.DataFrame:
+    """After the scatter's parts (:func:`preprocess` with ``part``): remove stale shards, write
+    skipped.parquet from the parts' ``records`` (DataFrames or parquet paths, in part order) and
+    index.parquet from the shards. Every shard must be there (its part finished)."""
+    out_dir = Path(out_dir)
+    n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
+    missing = [shard_name(i) for i in range(n_shards) if not (out_dir / shard_name(i)).exists()]
+    if missing:
+        raise FileNotFoundError(f"preprocess gather: {len(missing)} shards are missing in {out_dir} "
+                                f"({', '.join(missing[:5])}); rerun the preprocess_chunk jobs that write them")
+    frames = [r if isinstance(r, pd.DataFrame) else pd.read_parquet(r) for r in records]
+    skipped = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
+    return _finish(out_dir, n_shards, skipped)
+
+
+def _finish(out_dir: Path, n_shards: int, skipped: list[dict]) -> pd.DataFrame:
     for stale in out_dir.glob("shard-*.h5"):
         if int(stale.stem.split("-")[1]) >= n_shards:
             stale.unlink()
     index = build_index([out_dir / shard_name(i) for i in range(n_shards)])
-    write_parquet_atomic(pd.DataFrame(skipped, columns=["shard", "sample_id", "path", "reason"]),
-                         out_dir / "skipped.parquet")
+    write_parquet_atomic(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), out_dir / "skipped.parquet")
     write_parquet_atomic(index, out_dir / "index.parquet")
     log.info("preprocess: wrote %d samples; %d skipped", len(index), len(skipped))
     return index
-
 
 
 def _previous_skips(out_dir: Path, kept: set[int]) -> list[dict]:
@@ -420,7 +475,8 @@ def _previous_skips(out_dir: Path, kept: set[int]) -> list[dict]:
     return df[df["shard"].isin([shard_name(i) for i in kept])].to_dict("records")
 
 
-def _flush(out_dir: Path, i: int, items: list[dict], fp: str, attrs: dict) -> list[dict]:
+def _flush(out_dir: Path, i: int, items: list[dict], fp: str, attrs: dict) -> tuple[Callable[[], None], list[dict]]:
+    """The shard's arrays, and a call that writes them, with its skipped records."""
     good = [it for it in items if it["error"] is None]
     skipped = [{"shard": shard_name(i), "sample_id": it["sample_id"], "path": it["path"], "reason": it["error"]}
                for it in items if it["error"] is not None]
@@ -436,6 +492,9 @@ def _flush(out_dir: Path, i: int, items: list[dict], fp: str, attrs: dict) -> li
     strings = {"sample_id": [it["sample_id"] for it in good]}
     if "mask" in arrays:
         strings["has_mask"] = ["1" if "mask" in it else "0" for it in good]
-    write_shard(out_dir / shard_name(i), arrays, strings,
-                {**attrs, "arrays": ",".join(arrays), "fingerprint": fp, "n_skipped": len(skipped)})
-    return skipped
+
+    def write() -> None:
+        write_shard(out_dir / shard_name(i), arrays, strings,
+                    {**attrs, "arrays": ",".join(arrays), "fingerprint": fp, "n_skipped": len(skipped)})
+
+    return write, skipped

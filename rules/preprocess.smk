@@ -1,27 +1,85 @@
 # Preprocess: decode, resize, edges and depth into HDF5 shards.
+# preprocess.chunks = K > 1 scatters it: K preprocess_chunk jobs each write a contiguous range of
+# the shards (a failed one reruns alone), then the preprocess rule gathers them into the index,
+# exactly as the single job (K = 1) writes it.
 
+PREPROCESS_CHUNKS = int(config["preprocess"].get("chunks", 1))
 
-rule preprocess:
-    input:
-        manifest="results/manifest.parquet",
-    output:
-        # Shards are written beside the index, each whole under a temporary name, and are kept
-        # when a run fails so that the rerun resumes at the first missing shard.
-        index="results/shards/index.parquet",
-    params:
-        preprocess=config["preprocess"],
-        weights=model_paths(),
-        auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
-        code=code_hash("hybrid.preprocess"),
-    threads: max(1, config["preprocess"].get("workers", 2))
-    resources:
-        mem_mb=8000,
-        runtime=240,
-    benchmark:
-        "results/benchmarks/preprocess.tsv"
-    log:
-        "results/logs/preprocess.log",
-    conda:
-        "../envs/hybrid.yaml"
-    script:
-        "../workflow/scripts/preprocess.py"
+if PREPROCESS_CHUNKS == 1:
+
+    rule preprocess:
+        input:
+            manifest="results/manifest.parquet",
+        output:
+            # Shards are written beside the index, each whole under a temporary name, and are kept
+            # when a run fails so that the rerun resumes at the first missing shard.
+            index="results/shards/index.parquet",
+        params:
+            preprocess=config["preprocess"],
+            weights=model_paths(),
+            auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
+            code=code_hash("hybrid.preprocess"),
+        threads: max(1, config["preprocess"].get("workers", 2))
+        resources:
+            mem_mb=8000,
+            runtime=240,
+        benchmark:
+            "results/benchmarks/preprocess.tsv"
+        log:
+            "results/logs/preprocess.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/preprocess.py"
+
+else:
+
+    rule preprocess_chunk:
+        input:
+            manifest="results/manifest.parquet",
+        output:
+            # The part's skipped records; its shards go to results/shards/ (kept across failures).
+            records=f"results/shards/chunks/{{chunk}}-of-{PREPROCESS_CHUNKS}.parquet",
+        wildcard_constraints:
+            chunk=r"\d+",
+        params:
+            preprocess=config["preprocess"],
+            weights=model_paths(),
+            auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
+            code=code_hash("hybrid.preprocess"),
+        threads: max(1, config["preprocess"].get("workers", 2))
+        resources:
+            mem_mb=8000,
+            runtime=240,
+        benchmark:
+            "results/benchmarks/preprocess-{chunk}.tsv"
+        log:
+            "results/logs/preprocess-{chunk}.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/preprocess_chunk.py"
+
+    rule preprocess:
+        input:
+            manifest="results/manifest.parquet",
+            records=expand(
+                "results/shards/chunks/{chunk}-of-{n}.parquet",
+                chunk=range(PREPROCESS_CHUNKS),
+                n=PREPROCESS_CHUNKS,
+            ),
+        output:
+            index="results/shards/index.parquet",
+        params:
+            preprocess=config["preprocess"],
+            weights=model_paths(),
+            code=code_hash("hybrid.preprocess"),
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        log:
+            "results/logs/preprocess.log",
+        conda:
+            "../envs/hybrid.yaml"
+        script:
+            "../workflow/scripts/preprocess_gather.py"

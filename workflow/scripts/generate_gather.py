@@ -1,0 +1,19 @@
+"""Snakemake adapter: the generate gather (generate.chunks > 1): manifest.parquet and the contact
+sheets from the parts' shards, exactly as one generate job writes them."""
+
+from pathlib import Path
+
+from hybrid.data.manifest import read_manifest
+from hybrid.generate import GenerateConfig, generate
+from hybrid.log import setup_logging
+
+setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
+generate(
+    snakemake.input.checkpoint,  # noqa: F821
+    snakemake.input.index,  # noqa: F821
+    read_manifest(snakemake.input.manifest),  # noqa: F821
+    Path(snakemake.output.manifest).parent,  # noqa: F821
+    GenerateConfig.from_dict(snakemake.params.generate),  # noqa: F821
+    depth_checkpoint=snakemake.input.get("depth_checkpoint") or None,  # noqa: F821
+    gather=True,
+)
