@@ -16,7 +16,7 @@ include: "rules/baselines.smk"
 include: "rules/fewshot.smk"
 include: "rules/classify_defects.smk"
 include: "rules/segment.smk"
-include: "rules/anomalyfactory.smk"  # before report.smk: it adds the report's localize input
+include: "rules/anomalyfactory.smk"
 include: "rules/report.smk"
 include: "rules/models.smk"
 

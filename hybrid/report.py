@@ -727,6 +727,9 @@ def build_report(
     layout = (config or {}).get("dataset", {}).get("layout", "?")
     lists = skip_lists(Path(ingest_skipped) if ingest_skipped else None,
                        Path(shard_index) if shard_index else None, ev, cl)
+    if fs is not None and fs.get("skipped"):
+        lists.append(("Few-shot: categories not scored", pd.DataFrame(fs["skipped"], columns=["category", "reason"]),
+                      True))
     if cd is not None:
         lists.append(("Classify defects: not scored or counted as errors", pd.DataFrame(
             cd.get("skipped", []), columns=["category", "variant", "manipulation", "reason"]), True))

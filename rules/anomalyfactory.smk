@@ -24,19 +24,6 @@ AF_TRAIN = {k: v for k, v in config["train"].items() if k != "select"}
 
 
 if AF_OUTPUTS:
-    # Included before report.smk and models.smk: the report gets the localisation results (and the
-    # strips they name) as an input, and `snakemake fetch_models` the SAM weights semantic regions need.
-    _report_inputs_without_af = report_inputs
-    _needed_weights_without_af = needed_weights
-
-    def report_inputs(wildcards):
-        return {**_report_inputs_without_af(wildcards), "localize": AF_OUTPUTS["localize"]}
-
-    def needed_weights():
-        sam = (AF.get("sam") or {}).get("model", "sam_vit_base")
-        extra = [sam] if AF_SEMANTIC and not Path(sam).is_dir() else []
-        return sorted(set(_needed_weights_without_af()) | set(extra))
-
     rule boot:
         input:
             index="results/shards/index.parquet",

@@ -182,6 +182,8 @@ def report_inputs(wildcards):
         inputs["baselines"] = BASELINES_OUTPUTS["manifest"]
     if FEWSHOT_OUTPUTS:  # rules/fewshot.smk
         inputs["fewshot"] = FEWSHOT_OUTPUTS["json"]
+    if AF_OUTPUTS:  # rules/anomalyfactory.smk: Blaze localisation (its strips come with it)
+        inputs["localize"] = AF_OUTPUTS["localize"]
     return inputs
 
 
@@ -210,5 +212,8 @@ def needed_weights():
         names.append(fs.get("backbone", "resnet18"))
     if CLASSIFY_DEFECTS_OUTPUTS and cd.get("weights", "auto") != "random":
         names.append(cd.get("arch", "resnet34"))
+    sam = (config["anomalyfactory"].get("sam") or {}).get("model", "sam_vit_base")
+    if AF_OUTPUTS and AF_SEMANTIC and not Path(sam).is_dir():  # rules/anomalyfactory.smk
+        names.append(sam)
     names += config["models"].get("fetch") or []
     return sorted(set(names))

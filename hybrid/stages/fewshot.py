@@ -367,9 +367,17 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
     generator = f"{FULL_MODEL} ({checkpoint}; trained on every normal training image of the run)" if gen else "none"
     data = ShardImages(index_df, shard_dir)
     out: list[dict] = []
+    skipped: list[dict] = []
     try:
         for c in cats:
             part = test_rows[test_rows["category"].astype(str) == c]
+            labels = part["label"].astype(int)
+            if part.empty or labels.min() == labels.max():  # e.g. a plain folder: no normal test images
+                why = (f"{int((labels == 0).sum())} normal and {int((labels == 1).sum())} anomalous test images "
+                       f"(fewshot.test_select {cfg.test_select}); image AUROC needs both")
+                log.warning("fewshot: category %s skipped: %s", c, why)
+                skipped.append({"category": c, "reason": why})
+                continue
             test = load_test(part, data, c, f"fewshot.test_select {cfg.test_select}")
             log.info("fewshot: %s: %d test images (%d anomalous, %d without a mask), %d normal training images",
                      c, len(test.labels), int(test.labels.sum()), test.no_mask, len(pool[c]))
@@ -417,7 +425,7 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
         "draws": draws, "datasets": datasets, "published": published,
         "published_note": None if published else f"the published PatchCore numbers are for MVTec AD; this run's "
                                                    f"dataset is {', '.join(datasets)}",
-        "skipped": []})
+        "skipped": skipped})
     log.info("fewshot: %d rows to %s and %s", len(out), out_json, out_table)
     return table
 

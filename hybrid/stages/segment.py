@@ -561,6 +561,7 @@ def run(inputs: Inputs, outputs: Outputs, cfg: SegmentConfig | Mapping | None = 
     torch.set_num_threads(max(1, threads))
     inputs = Inputs(*(Path(p) for p in (inputs.manifest, inputs.index, inputs.generated)))
     outputs = Outputs(*(Path(p) for p in (outputs.json, outputs.table, outputs.models, outputs.strips)))
+    outputs.strips.mkdir(parents=True, exist_ok=True)  # an output even when every category is skipped
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     real_dir, gen_dir = inputs.index.parent, inputs.generated.parent
@@ -709,18 +710,21 @@ def _category(category: str, real: pd.DataFrame, test_all: pd.DataFrame, gen: pd
         return out
     gcat = gen[gen["category"] == category].sort_values("sample_id")
     kinds, decoders = gcat["kind"].to_numpy(), gcat["decoder"].to_numpy()
+    # "both" = every decoder the generator has: one (AHE) when it was built without depth
+    made = [d for d in DECODER_SETS["both"] if ((kinds == "local") & (decoders == d)).any()]
+    sets = {**DECODER_SETS, "both": tuple(made) or DECODER_SETS["both"]}
     trainable = []
     for dec, plus in variants:
         variant = variant_name(dec, plus)
-        missing = [d for d in DECODER_SETS[dec] if not ((kinds == "local") & (decoders == d)).any()]
+        missing = [d for d in sets[dec] if not ((kinds == "local") & (decoders == d)).any()]
         if missing:
             reason = (f"no generated local anomalies of category {category!r} from decoder(s) {missing} (the generated "
                       f"manifest has {int((kinds == 'local').sum())} local anomalies of it); generate skipped it or "
                       "its decoders differ")
             out["skipped"] += [_skip(category, variant, m, reason) for m in modalities]
-        elif plus and not ((kinds == "normal") & np.isin(decoders, DECODER_SETS[dec])).any():
+        elif plus and not ((kinds == "normal") & np.isin(decoders, sets[dec])).any():
             out["skipped"] += [_skip(category, variant, m, f"no generated normal images of category {category!r} "
-                                     f"from decoder(s) {list(DECODER_SETS[dec])}; AnoHybrid+ needs them "
+                                     f"from decoder(s) {list(sets[dec])}; AnoHybrid+ needs them "
                                      "(generate.kinds: normal)") for m in modalities]
         else:
             trainable.append((dec, plus))
@@ -761,8 +765,8 @@ def _category(category: str, real: pd.DataFrame, test_all: pd.DataFrame, gen: pd
     strip_maps: dict[str, np.ndarray] = {}
     for dec, plus in trainable:
         variant = variant_name(dec, plus)
-        sel_a = (kinds == "local") & np.isin(decoders, DECODER_SETS[dec])
-        sel_n = (kinds == "normal") & np.isin(decoders, DECODER_SETS[dec]) if plus else np.zeros(len(gcat), bool)
+        sel_a = (kinds == "local") & np.isin(decoders, sets[dec])
+        sel_n = (kinds == "normal") & np.isin(decoders, sets[dec]) if plus else np.zeros(len(gcat), bool)
         maps: dict[str, np.ndarray] = {}
         counts = {"n_train_anomalies": int(sel_a.sum()), "n_train_normals": len(normal_rows),
                   "n_generated_normals": int(sel_n.sum()), "n_test": len(test), "n_test_anomalies": int(labels.sum())}
