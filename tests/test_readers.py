@@ -405,3 +405,12 @@ def test_read_dataset_dispatch_and_errors(tmp_path):
         read_dataset("visa", {})
     with pytest.raises(ValueError, match="missing='ignore' is not a policy"):
         read_dataset("heliconius", {**opts, "missing": "ignore"})
+
+
+def test_a_configured_category_without_images_is_an_error_not_a_silent_drop(tmp_path):
+    for p in ["bottle/train/good/000.png", "bottle/test/good/000.png"]:
+        img(tmp_path / p)
+    (tmp_path / "cable/train/good").mkdir(parents=True)  # the folders are there, the images not
+    with pytest.raises(ManifestError, match=r"categories names \['cable'\], but no images of them were found"):
+        read_dataset("mvtec_ad", {"root": str(tmp_path), "categories": ["bottle", "cable"]})
+    assert set(read_dataset("mvtec_ad", {"root": str(tmp_path), "categories": ["bottle"]})["category"]) == {"bottle"}

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from hybrid.data.manifest import ManifestError
+
 from hybrid.data.demo_industrial import read_demo_industrial
 from hybrid.data.folder import read_folder
 from hybrid.data.heliconius import read_heliconius
@@ -44,6 +46,12 @@ def read_dataset(layout: str, options: dict) -> pd.DataFrame:
     if lacking:
         raise ValueError(f"dataset layout {layout!r} needs the options {lacking}")
     df = READERS[layout](**options)
+    wanted = options.get("categories")
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+    empty = [c for c in wanted if not (df["category"].astype(str) == str(c)).any()]
+    if empty:  # a configured category whose folders hold no images would otherwise vanish
+        raise ManifestError(f"dataset.options.categories names {empty}, but no images of them were found under "
+                            f"{options.get('root', options)}; check their folders, or drop them from the list")
     attrs = dict(df.attrs)
     df = df.assign(dataset=pd.Series(layout, index=df.index, dtype="string"))
     df.attrs = attrs
