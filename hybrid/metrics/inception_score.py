@@ -56,26 +56,33 @@ def _batches(images: Iterable[np.ndarray] | np.ndarray, batch_size: int) -> Iter
 
 
 @torch.no_grad()
-def inception_logits(
+def inception_outputs(
     images: Iterable[np.ndarray] | np.ndarray,
     model: nn.Module,
+    key: str,
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
+    what: str = "Inception Score",
 ) -> np.ndarray:
-    """``logits_unbiased`` (N,1008) of uint8 RGB images (H,W,3), batched."""
+    """One output of Inception-v3-compat (``logits_unbiased`` (N,1008), ``pool`` (N,2048), ...)
+    for uint8 RGB images (H,W,3), batched; ``what`` names the metric in messages."""
     model = model.to(device).eval()
     out = []
-    for batch in tqdm(_batches(images, batch_size), desc="Inception Score", unit="batch", disable=not progress):
+    for batch in tqdm(_batches(images, batch_size), desc=what, unit="batch", disable=not progress):
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(
-                f"Inception Score needs uint8 RGB images shaped (H,W,3); got {batch.dtype} {batch.shape[1:]}"
-            )
+            raise ValueError(f"{what} needs uint8 RGB images shaped (H,W,3); got {batch.dtype} {batch.shape[1:]}")
         x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-        out.append(model(x)["logits_unbiased"].cpu().numpy())
+        out.append(model(x)[key].cpu().numpy())
     if not out:
-        raise ValueError("no images given to the Inception Score")
+        raise ValueError(f"no images given to {what}")
     return np.concatenate(out)
+
+
+def inception_logits(images: Iterable[np.ndarray] | np.ndarray, model: nn.Module, batch_size: int = 32,
+                     device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """``logits_unbiased`` (N,1008) of uint8 RGB images (H,W,3), batched."""
+    return inception_outputs(images, model, "logits_unbiased", batch_size, device, progress)
 
 
 def compute_is(

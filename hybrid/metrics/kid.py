@@ -17,9 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from hybrid.metrics.inception_score import _batches
+from hybrid.metrics.inception_score import inception_outputs
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -69,7 +68,6 @@ def kid_from_features(f1: np.ndarray | torch.Tensor, f2: np.ndarray | torch.Tens
     return float(mmds.mean()), float(mmds.std())
 
 
-@torch.no_grad()
 def inception_pool(
     images: Iterable[np.ndarray] | np.ndarray,
     model: nn.Module,
@@ -77,17 +75,8 @@ def inception_pool(
     device: str = "cpu",
     progress: bool = True,
 ) -> np.ndarray:
-    """Inception-v3-compat ``pool`` features (N, 2048) of uint8 RGB images (H, W, 3), batched."""
-    model = model.to(device).eval()
-    out = []
-    for batch in tqdm(_batches(images, batch_size), desc="KID features", unit="batch", disable=not progress):
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"KID needs uint8 RGB images shaped (H,W,3); got {batch.dtype} {batch.shape[1:]}")
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-        out.append(model(x)["pool"].double().cpu().numpy())
-    if not out:
-        raise ValueError("no images given to KID")
-    return np.concatenate(out)
+    """Inception-v3-compat ``pool`` features (N, 2048) of uint8 RGB images (H, W, 3), batched, float64."""
+    return inception_outputs(images, model, "pool", batch_size, device, progress, "KID").astype(np.float64)
 
 
 def kid(
