@@ -510,12 +510,17 @@ class Samples:
         self._pid = os.getpid()
 
     def _array(self, shard: str, name: str) -> h5py.Dataset:
-        """The shard's dataset ``name``, looked up once per process (DataLoader workers get their own)."""
+        """The shard's dataset ``name``, opened once per process (DataLoader workers get their own)
+        and without a chunk cache: each sample is one chunk, read when asked (an open dataset's
+        default 1 MiB cache, kept for every input shard, would grow with the data set)."""
         if self._pid != os.getpid():
             self._arrays, self._pid = {}, os.getpid()
         a = self._arrays.get((shard, name))
         if a is None:
-            a = self._arrays[shard, name] = self.data._file(shard)[name]
+            access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            access.set_chunk_cache(0, 0, 1.0)
+            a = h5py.Dataset(h5py.h5d.open(self.data._file(shard).id, name.encode(), access))
+            self._arrays[shard, name] = a
         return a
 
     def __getstate__(self) -> dict:
