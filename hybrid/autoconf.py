@@ -154,6 +154,8 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
     if os.environ.get("HYBRID_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         paths = (cfg.get("models") or {}).get("paths") or {}
         wanted = [v for v in (pre["edge_model"], pre["depth_source"]) if v.startswith(("pidinet", "depth_anything"))]
+        if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path"):
+            wanted.append("vgg19")
         missing = [w for w in wanted if not weights_present(w, paths)]
         if missing:
             errors.append(f"HYBRID_OFFLINE is set and the weights of {missing} are not here: run `hybrid models fetch "

@@ -17,11 +17,7 @@ if BASELINES_OUTPUTS:
             manifest="results/manifest.parquet",
             # A texture folder (DTD) is an input, so that new or changed textures rerun the rule; one
             # that does not exist is left to the stage, whose error names baselines.perlin.textures.
-            textures=(
-                config["baselines"]["perlin"]["textures"]
-                if Path(config["baselines"]["perlin"].get("textures") or "/nonexistent").is_dir()
-                else []
-            ),
+            textures=texture_input(),
         output:
             # Shards (shard-NNNNN.h5) beside the manifest, kept across runs when their fingerprint
             # matches; contact sheets in results/baselines/sheets/<category>.png.

@@ -99,6 +99,13 @@ def model_paths():
     return dict(config["models"].get("paths") or {})
 
 
+def texture_input():
+    """The baselines' texture folder as an input (new or changed textures rerun the rule); one that
+    does not exist is left to the stage, whose error names baselines.perlin.textures."""
+    textures = config["baselines"]["perlin"].get("textures")
+    return textures if textures and Path(textures).is_dir() else []
+
+
 def stage_enabled(section):
     """A stage's `enabled`: true / false as given; auto (the default) = on for industrial layouts."""
     value = (config.get(section) or {}).get("enabled", "auto")

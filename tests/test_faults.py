@@ -13,7 +13,7 @@ import pytest
 
 from tests.workflow_helpers import REPO, SNAKEMAKE, snakemake, write_config
 
-LONG_TRAIN = {"train": {"epochs": 60, "epochs_decay": 0, "checkpoint_every": 10, "sample_every": 1000,
+LONG_TRAIN = {"train": {"epochs": 20, "epochs_decay": 0, "checkpoint_every": 10, "sample_every": 1000,
                         "log_every": 10}}
 
 
