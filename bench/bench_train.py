@@ -28,7 +28,7 @@ def run(name: str, model: dict, ndf: int, size: int, batch: int, steps: int, per
     from hybrid.models.discriminator import MultiscaleDiscriminator
     from hybrid.models.generator import Generator
     from hybrid.models.vgg import VGGFeatures
-    from hybrid.train import TrainConfig, train_step
+    from hybrid.train import TrainConfig, learns_key, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -41,7 +41,9 @@ def run(name: str, model: dict, ndf: int, size: int, batch: int, steps: int, per
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
     maps = {n: torch.rand(batch, 3 if n.endswith("image") else 1, size, size, device=dev) * 2 - 1
-            for n in ("reference_image", "target_image", "target_depth", "target_edge")}
+            for n in ("reference_image", "target_depth", "target_edge")}
+    # each decoder's learning target (A_d, A_e): the image under its own condition's geometry
+    maps |= {learns_key(d): torch.rand(batch, 3, size, size, device=dev) * 2 - 1 for d in G.decoder_names}
     maps = {k: v.contiguous(memory_format=fmt) for k, v in maps.items()}
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast)  # warm-up (allocations, kernels)
