@@ -328,6 +328,13 @@ def run_generator(G: Generator, batch: Mapping[str, torch.Tensor], precision: st
     """Each decoder's ``{"image": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W)}`` as CPU float
     tensors, for stacked named maps (``conditions`` of several pairs); bf16 autocast if asked.
     A ``feature_noise`` entry (B, C, h, w) is added to the encoded features."""
+    out = _forward(G, batch, precision)
+    return {d: {"image": o["image"].float().clamp(-1, 1).cpu(), "mask": o["mask"].float().clamp(0, 1).cpu()}
+            for d, o in out.items()}
+
+
+def _forward(G: Generator, batch: Mapping[str, torch.Tensor], precision: str) -> dict:
+    """G on its device over stacked named maps (+ ``feature_noise``), bf16 autocast if asked."""
     device = next(G.parameters()).device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
@@ -335,8 +342,7 @@ def run_generator(G: Generator, batch: Mapping[str, torch.Tensor], precision: st
     noise = noise.to(device, non_blocking=True) if noise is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = G(x, noise)
-    return {d: {"image": o["image"].float().clamp(-1, 1).cpu(), "mask": o["mask"].float().clamp(0, 1).cpu()}
-            for d, o in out.items()}
+    return out
 
 
 def generate_batch(G: Generator, references: Sequence[Mapping[str, torch.Tensor]],
@@ -606,11 +612,7 @@ def _encode(G: Generator, batch: Mapping[str, torch.Tensor], precision: str,
     elementwise operations, on the device instead of the host."""
     device = next(G.parameters()).device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
-    noise = batch.get("feature_noise")
-    noise = noise.to(device, non_blocking=True) if noise is not None else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = G(x, noise)
+    out = _forward(G, batch, precision)
     star_maps = None
     if G_star is not None:
         star_maps = {k: batch[f"source_{k}"].to(device, non_blocking=True) for k in ("depth", "edge")}
