@@ -224,5 +224,6 @@ def _describe(schema: Mapping) -> str:
         elif "enum" in o:
             parts.append(f"one of {o['enum']}")
         else:
-            parts.append(f"a {o.get('type', 'value')}")
+            kind = o.get("type", "value")
+            parts.append(f"{'an' if str(kind)[0] in 'aeiou' else 'a'} {kind}")
     return "use " + " or ".join(parts)

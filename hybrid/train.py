@@ -419,14 +419,14 @@ def check_pairing(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- logs and samples
-def start_csv(path: Path, step: int) -> None:
+def start_csv(path: Path, step: int, columns: list[str] = CSV_COLUMNS) -> None:
     """Keep the header and the rows up to ``step`` (a resumed run rewrites what came after)."""
     rows = []
     if path.exists():
         with path.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
+        w = csv.DictWriter(f, columns)
         w.writeheader()
         w.writerows(rows)
 
@@ -436,7 +436,12 @@ def save_grid(path: Path, maps: dict[str, torch.Tensor], out: dict, conditions: 
     cols = [maps[n] for n in conditions]
     for d, o in out.items():
         cols += [maps[learns_key(d)], o["image"], o["mask"] * 2 - 1]
-    tiles = [c[:rows].detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).expand(-1, 3, -1, -1) for c in cols]
+    save_tiles(path, cols, rows)
+
+
+def save_tiles(path: Path, columns: list[torch.Tensor], rows: int = 4) -> None:
+    """PNG: one sample per row, one column per (B, C, H, W) tensor in [-1, 1]."""
+    tiles = [c[:rows].detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).expand(-1, 3, -1, -1) for c in columns]
     grid = torch.cat([torch.cat([t[r] for t in tiles], dim=2) for r in range(len(tiles[0]))], dim=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -105,5 +105,5 @@ def test_schema_errors_are_one_line_each_with_the_allowed_values():
     lines = schema_errors(cfg, SCHEMA, "config/schema.yaml")
     assert len(lines) == 3 and all("(see config/schema.yaml)" in line for line in lines)
     assert "'trian' was unexpected" in lines[0] and "valid keys here are ['anomalyfactory', 'augment'" in lines[0]
-    assert "evaluate.kinds: 'some' is not valid here (use 'auto' or a array)" in lines[1]
+    assert "evaluate.kinds: 'some' is not valid here (use 'auto' or an array)" in lines[1]
     assert "preprocess.fit: 'squash' is not one of ['stretch', 'crop', 'pad']" in lines[2]

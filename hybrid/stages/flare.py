@@ -47,7 +47,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -64,7 +63,7 @@ from hybrid.models.generator import Generator, copy_matching
 from hybrid.regions import RegionStore, semantic_region
 from hybrid.stages.boot import DECODER, load_af_checkpoint, training_rows
 from hybrid.train import (TrainConfig, check_same_config, derive_seed, epoch_batches, latest_checkpoint, load_state,
-                          lr_at, publish, save_checkpoint, set_rng_state, setup_device)
+                          lr_at, publish, save_checkpoint, save_tiles, set_rng_state, setup_device, start_csv)
 
 log = logging.getLogger(__name__)
 
@@ -231,27 +230,8 @@ def af_step(G: Generator, D: nn.Module, vgg: nn.Module | None, opt_G, opt_D, con
 
 def save_rows(path: Path, columns: list[tuple[str, torch.Tensor]], rows: int = 4) -> None:
     """PNG: one sample per row, one column per (name, (B, C, H, W) tensor in [-1, 1] or a [0, 1] map)."""
-    tiles = []
-    for name, t in columns:
-        t = t[:rows].detach().float().cpu()
-        if name.startswith("heat") or name in ("region", "H"):
-            t = t * 2 - 1
-        tiles.append(t.clamp(-1, 1).add(1).mul(127.5).expand(-1, 3, -1, -1))
-    grid = torch.cat([torch.cat([t[r] for t in tiles], dim=2) for r in range(len(tiles[0]))], dim=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid.permute(1, 2, 0).round().byte().numpy()).save(tmp, format="PNG")
-
-
-def start_csv(path: Path, step: int) -> None:
-    rows = []
-    if path.exists():
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    save_tiles(path, [t * 2 - 1 if name.startswith("heat") or name in ("region", "H") else t for name, t in columns],
+               rows)
 
 
 Targets = Callable[[Generator, Mapping[str, torch.Tensor], int], dict]
@@ -321,7 +301,7 @@ def train_af(stage: str, dataset: Dataset, targets: Targets, out_dir: str | Path
     stop = total if max_steps is None else min(total, max_steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     csv_path, samples = work_dir / "losses.csv", work_dir / "samples"
-    start_csv(csv_path, step)
+    start_csv(csv_path, step, CSV_COLUMNS)
     log.info("%s: %d steps (%d per epoch, batch %d) on %s; G %.2fM params, D %.2fM; heat weight %g, feature noise "
              "std %g; work dir %s", stage, total, steps_per_epoch, cfg.batch_size, device,
              sum(p.numel() for p in G.parameters()) / 1e6, sum(p.numel() for p in D.parameters()) / 1e6, heat_weight,
