@@ -2,6 +2,11 @@
 # Run from the repository root:  snakemake --cores all
 # Each stage lives in rules/<stage>.smk; rule all names each stage's final output, one line each.
 
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
 configfile: "config/config.yaml"
 
 
