@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the schema's pattern for every `device` key
+
+
+def check_device(name: object, key: str) -> str:
+    """``name`` when it is auto, cpu, cuda or cuda:N (every stage's ``device``), else an error naming ``key``."""
+    if not isinstance(name, str) or not re.match(DEVICE_PATTERN, name):
+        raise ValueError(f"{key}: {name!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+    return name
 
 
 def check_keys(d: Mapping | None, cls: type, section: str, extra: Iterable[str] = (),
@@ -22,6 +34,8 @@ def check_keys(d: Mapping | None, cls: type, section: str, extra: Iterable[str] 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when torch sees a GPU, else cpu; an explicit cuda without one is an error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

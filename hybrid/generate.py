@@ -61,49 +61,15 @@ from hybrid.data.shards import ShardDataset, read_attrs, shard_is_current, shard
 from hybrid.io import atomic_path, write_parquet_atomic
 from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.generator import Generator
+from hybrid.planning import KINDS, Job, PairingConfig, _rng, _seed, plan_jobs, safe_name  # noqa: F401
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
 
-KINDS = ("global", "local", "normal")
-STRATEGIES = ("random", "groups", "explicit")
-SOURCES = ("select", "base")
 MANIFEST_COLUMNS = ["sample_id", "shard", "index", "pair_id", "reference_id", "target_id", "decoder",
                     "manipulation", "category", "defect", "kind", "label"]
 _STRINGS = ["sample_id", "pair_id", "reference_id", "target_id", "decoder", "manipulation", "category", "defect",
             "kind"]
-
-
-@dataclass
-class PairingConfig:
-    """How one kind picks its (reference, target) pairs."""
-
-    count: int = 16  # pairs per category (each gives one image per decoder); explicit: every pair
-    pairing: str = "random"  # random | groups | explicit
-    match: list[str] = field(default_factory=list)  # random: columns reference and target share
-    groups: list[list[dict]] = field(default_factory=list)  # groups: [[filter A, filter B], ...]
-    both_directions: bool = True  # groups: B x A as well as A x B
-    pairs: list[list[str]] = field(default_factory=list)  # explicit: [[reference_id, target_id], ...]
-    source: str = "select"  # select: generate.select rows, drawn regions | base: base-set defects, their masks
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"generate source {self.source!r}: use one of {list(SOURCES)}")
-        if self.pairing not in STRATEGIES:
-            raise ValueError(f"generate pairing {self.pairing!r}: use one of {list(STRATEGIES)}")
-        if self.count < 0:
-            raise ValueError(f"generate count {self.count} must be >= 0")
-        if self.pairing == "groups" and (not self.groups or any(len(g) != 2 for g in self.groups)):
-            raise ValueError(f"generate pairing 'groups' needs groups as [[filter A, filter B], ...] "
-                             f"(e.g. [[{{subspecies: '8'}}, {{subspecies: '9'}}]]), got {self.groups!r}")
-        if self.pairing == "explicit" and (not self.pairs or any(len(p) != 2 for p in self.pairs)):
-            raise ValueError(f"generate pairing 'explicit' needs pairs as [[reference_id, target_id], ...], "
-                             f"got {self.pairs!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping, kind: str = "pairing") -> PairingConfig:
-        check_keys(d, cls, f"generate.{kind}")
-        return cls(**d)
 
 
 @dataclass
@@ -144,137 +110,6 @@ class GenerateConfig:
         manipulate = ManipulateConfig.from_dict(d.pop("manipulate", {}) or {})
         check_keys(d, cls, "generate", extra=KINDS, hidden=("pairings",))
         return cls(**d, pairings=pairings, manipulate=manipulate)
-
-
-# ----------------------------------------------------------------------------- pairs
-@dataclass(frozen=True)
-class Job:
-    """One pair to generate: one output per decoder."""
-
-    kind: str
-    category: str
-    number: int  # within (kind, category)
-    reference_id: str
-    target_id: str
-    manipulation: str  # "none" for global and normal
-    seed: int
-    defect: str = ""  # base-set pairs: the defect type; their region comes from the real masks
-
-    @property
-    def pair_id(self) -> str:
-        return f"{self.kind}-{safe_name(self.category)}-{self.number:05d}"
-
-
-def safe_name(s: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", str(s)) or "_"
-
-
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(p) for p in parts])
-
-
-def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int) -> list[tuple[str, str, str]]:
-    """(reference_id, target_id, category) pairs from manifest ``rows``; category = the target's.
-
-    random: per category, ``count`` pairs drawn with replacement, reference != target, both sharing
-    the ``match`` columns. groups: every A x B pair (and B x A), at most ``count`` per category
-    (a seeded subset). explicit: the listed pairs, in order.
-    """
-    cat = dict(zip(rows["sample_id"], rows["category"].astype(str)))
-    if cfg.pairing == "explicit":
-        missing = sorted({s for p in cfg.pairs for s in p if s not in cat})
-        if missing:
-            raise ValueError(f"generate explicit pairs name sample ids {missing[:10]} that are not in the "
-                             "manifest/shards; check the ids (the manifest's sample_id column)")
-        return [(str(r), str(t), cat[t]) for r, t in cfg.pairs]
-    out: list[tuple[str, str, str]] = []
-    if cfg.pairing == "groups":
-        pairs: list[tuple[str, str]] = []
-        for a_filter, b_filter in cfg.groups:
-            a, b = (rows.loc[matches(rows, f, "generate"), "sample_id"].tolist() for f in (a_filter, b_filter))
-            for f, g in ((a_filter, a), (b_filter, b)):
-                if not g:
-                    raise ValueError(f"generate group {f} matches no selected sample; check the filter and "
-                                     "generate.select")
-            pairs += [(r, t) for r in a for t in b if r != t]
-            if cfg.both_directions:
-                pairs += [(r, t) for r in b for t in a if r != t]
-        by_cat: dict[str, list[tuple[str, str]]] = {}
-        for r, t in pairs:
-            by_cat.setdefault(cat[t], []).append((r, t))
-        for c in sorted(by_cat):
-            p = by_cat[c]
-            if len(p) > cfg.count:
-                p = [p[i] for i in sorted(_rng(seed, zlib.crc32(c.encode())).choice(len(p), cfg.count, replace=False))]
-            out += [(r, t, c) for r, t in p]
-        return out
-    for c, sub in rows.assign(category=rows["category"].astype(str)).groupby("category", sort=True):
-        keys = ["category", *[m for m in cfg.match if m != "category"]]
-        groups = [g["sample_id"].tolist() for _, g in sub.groupby(keys, dropna=False, sort=True) if len(g) >= 2]
-        if not groups:
-            log.warning("generate: category %s has no two samples sharing %s; no random pairs for it", c, keys)
-            continue
-        targets = [(gi, k) for gi, g in enumerate(groups) for k in range(len(g))]
-        rng = _rng(seed, zlib.crc32(c.encode()))
-        for _ in range(cfg.count):
-            gi, k = targets[int(rng.integers(len(targets)))]
-            g = groups[gi]
-            j = int(rng.integers(len(g) - 1))
-            out.append((g[j + (j >= k)], g[k], c))
-    return out
-
-
-def plan_jobs(rows: pd.DataFrame, cfg: GenerateConfig) -> list[Job]:
-    """Every pair of every kind, in kind, category, number order, with its seed and manipulation."""
-    jobs: list[Job] = []
-    selected = rows[matches(rows, cfg.select, "generate.select")]
-    for ki, kind in enumerate(KINDS):
-        if kind not in cfg.kinds:
-            continue
-        pc = cfg.pairings[kind]
-        if pc.source == "base":
-            pairs = base_pairs(rows, pc, _seed(cfg.seed, ki), kind)
-        else:
-            pairs = [(r, t, c, "") for r, t, c in
-                     pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki))]
-        counter: dict[str, int] = {}
-        for ref, tgt, c, defect in pairs:
-            n = counter[c] = counter.get(c, -1) + 1
-            s = _seed(cfg.seed, ki, zlib.crc32(c.encode()), n)
-            manip = "none"
-            if kind == "local":
-                names = cfg.manipulate.manipulations
-                manip = names[int(_rng(s, 1).integers(len(names)))]
-            jobs.append(Job(kind, c, n, ref, tgt, manip, s, defect))
-    return jobs
-
-
-def base_pairs(rows: pd.DataFrame, cfg: PairingConfig, seed: int, kind: str) -> list[tuple[str, str, str, str]]:
-    """(reference_id, target_id, category, defect): ``cfg.count`` pairs per category of base-set
-    anomalies of one defect type, the defect types taken in turn, each pair drawn with the seed."""
-    if "protocol" not in rows.columns or not (rows["protocol"] == "base").any():
-        raise ValueError(f"generate.{kind}.source: base needs base-set anomalies (the manifest's protocol column, "
-                         "set at ingest for layouts with defect types: mvtec_ad, mvtec_3d, mvtec_loco, visa, "
-                         f"folder with defect folders); this manifest has none. Use generate.{kind}.source: select")
-    # a layout without defect types (VisA's split CSV) has one group per category: "anomaly"
-    base = rows[rows["protocol"] == "base"].assign(category=lambda d: d["category"].astype(str),
-                                                   defect=lambda d: d["defect"].astype("string").fillna("anomaly"))
-    out = []
-    for c, sub in base.groupby("category", sort=True):
-        groups = {d: g["sample_id"].astype(str).tolist() for d, g in sub.groupby("defect", sort=True)}
-        defects = sorted(groups)
-        rng = _rng(seed, zlib.crc32(c.encode()))
-        for n in range(cfg.count):
-            d = defects[n % len(defects)]
-            ids = groups[d]
-            t = int(rng.integers(len(ids)))
-            r = (t + 1 + int(rng.integers(len(ids) - 1))) % len(ids) if len(ids) > 1 else t
-            out.append((ids[r], ids[t], c, d))
-    return out
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
 
 
 # ----------------------------------------------------------------------------- the generator
