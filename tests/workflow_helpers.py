@@ -13,26 +13,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# The demo at test size: a few dozen images, 32 px, a tiny generator, random-weight stand-ins for
-# the feature networks (real weights are not on CI machines), every stage real.
-TINY = {
-    "demo": {"seed": 1, "width": 96, "height": 64, "train_per_subspecies": 2, "test_per_subspecies": 1,
-             "train_hybrids_per_type": 3, "test_hybrids_per_type": 1, "jpeg_quality": 90},
-    "preprocess": {"resolution": 32, "edge_model": "canny", "depth_source": "dataset", "workers": 0,
-                   "batch_size": 8, "shard_size": 16, "device": "cpu"},
-    "model": {"ngf": 4, "n_downsample": 2, "n_blocks": 1},
-    "train": {"epochs": 1, "epochs_decay": 1, "batch_size": 4, "ndf": 4, "checkpoint_every": 5,
-              "sample_every": 5, "log_every": 5, "device": "cpu"},
-    "generate": {"global": {"count": 2}, "local": {"count": 2}, "normal": {"count": 2}, "device": "cpu"},
-    "evaluate": {"weights": "random", "device": "cpu", "n_centres": 4, "batch_size": 8},
-    "classify": {"weights": "random", "device": "cpu", "linear_epochs": 5, "batch_size": 8},
-}
+# The demo at test size (a few dozen images, 32 px, a tiny generator, random-weight stand-ins for the
+# feature networks): the overlay CI and the catalog's `--configfile .test/config/config.yaml` use.
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 
 
 def write_config(workdir: Path, overrides: dict | None = None) -> Path:
-    """The repository's config/config.yaml with ``TINY`` and ``overrides`` merged in."""
+    """The repository's config/config.yaml with the test overlay (.test/config/config.yaml) and
+    ``overrides`` merged in, written whole to ``workdir/config.yaml``."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for extra in (TINY, overrides or {}):
+    for extra in (yaml.safe_load(TEST_CONFIG.read_text()), overrides or {}):
         _merge(cfg, extra)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
