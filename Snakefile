@@ -27,6 +27,7 @@ include: "rules/models.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/manifest.parquet",
         "results/shards/index.parquet",
@@ -42,4 +43,3 @@ rule all:
         EXPORT_OUTPUTS,  # the MVTec AD tree of generated anomalies when export.enabled
         list(AF_OUTPUTS.values()),  # AnomalyFactory: boot, flare, blaze, localize (anomalyfactory.enabled)
         "results/report/index.html",
-    default_target: True

@@ -24,6 +24,7 @@ AF_TRAIN = {k: v for k, v in config["train"].items() if k != "select"}
 
 
 if AF_OUTPUTS:
+
     rule boot:
         input:
             index="results/shards/index.parquet",
@@ -32,6 +33,16 @@ if AF_OUTPUTS:
             checkpoint=directory(AF_OUTPUTS["boot"]),
             losses="results/anomalyfactory/boot/losses.csv",
             samples=directory("results/anomalyfactory/boot/samples"),
+        log:
+            "results/logs/boot.log",
+        benchmark:
+            "results/benchmarks/boot.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=24 * 60,
         params:
             model=config["model"],  # sizes; decoders [AHE] and conditions [reference_image, target_edge] forced
             train=AF_TRAIN,
@@ -43,29 +54,29 @@ if AF_OUTPUTS:
             weights=model_paths(),
             work_root="results/anomalyfactory/boot/work",
             code=code_hash("hybrid.stages.boot"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=24 * 60,
-        benchmark:
-            "results/benchmarks/boot.tsv"
-        log:
-            "results/logs/boot.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/boot.py"
 
     rule flare:
         input:
+            **AF_REGIONS,
             index="results/shards/index.parquet",
             manifest="results/manifest.parquet",
             boot=AF_OUTPUTS["boot"],
-            **AF_REGIONS,
         output:
             checkpoint=directory(AF_OUTPUTS["flare"]),
             losses="results/anomalyfactory/flare/losses.csv",
             samples=directory("results/anomalyfactory/flare/samples"),
+        log:
+            "results/logs/flare.log",
+        benchmark:
+            "results/benchmarks/flare.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
         params:
             train=AF_TRAIN,
             flare=AF.get("flare") or {},
@@ -78,29 +89,29 @@ if AF_OUTPUTS:
             weights=model_paths(),
             work_root="results/anomalyfactory/flare/work",
             code=code_hash("hybrid.stages.flare"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=12 * 60,
-        benchmark:
-            "results/benchmarks/flare.tsv"
-        log:
-            "results/logs/flare.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/flare.py"
 
     rule blaze:
         input:
+            **AF_REGIONS,
             index="results/shards/index.parquet",
             manifest="results/manifest.parquet",
             flare=AF_OUTPUTS["flare"],
-            **AF_REGIONS,
         output:
             checkpoint=directory(AF_OUTPUTS["blaze"]),
             losses="results/anomalyfactory/blaze/losses.csv",
             samples=directory("results/anomalyfactory/blaze/samples"),
+        log:
+            "results/logs/blaze.log",
+        benchmark:
+            "results/benchmarks/blaze.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
         params:
             train=AF_TRAIN,
             blaze=AF.get("blaze") or {},
@@ -114,33 +125,33 @@ if AF_OUTPUTS:
             weights=model_paths(),
             work_root="results/anomalyfactory/blaze/work",
             code=code_hash("hybrid.stages.blaze"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=12 * 60,
-        benchmark:
-            "results/benchmarks/blaze.tsv"
-        log:
-            "results/logs/blaze.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/blaze.py"
 
     rule localize:
         input:
+            **AF_REGIONS,
             index="results/shards/index.parquet",
             manifest="results/manifest.parquet",
             boot=AF_OUTPUTS["boot"],
             flare=AF_OUTPUTS["flare"],
             blaze=AF_OUTPUTS["blaze"],
-            **AF_REGIONS,
         output:
             json=AF_OUTPUTS["localize"],
             table="results/metrics/localize.parquet",
             strips=directory("results/anomalyfactory/strips"),
             quality_json=AF_OUTPUTS["quality"],
             quality_table="results/metrics/af_generation.parquet",
+        log:
+            "results/logs/localize.log",
+        benchmark:
+            "results/benchmarks/localize.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=2 * 60,
         params:
             localize=AF.get("localize") or {},
             quality=AF.get("quality") or {},
@@ -149,16 +160,6 @@ if AF_OUTPUTS:
             sam=AF.get("sam") or {},
             evaluate=config["evaluate"],  # the IS / cluster LPIPS networks and settings of Tables 1-2
             code=code_hash("hybrid.stages.localize"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=2 * 60,
-        benchmark:
-            "results/benchmarks/localize.tsv"
-        log:
-            "results/logs/localize.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/localize.py"
 
@@ -170,20 +171,20 @@ if AF_OUTPUTS and AF_REGIONS:
             index="results/shards/index.parquet",
         output:
             regions=AF_REGIONS["regions"],
+        log:
+            "results/logs/sam_regions.log",
+        benchmark:
+            "results/benchmarks/sam_regions.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=4 * 60,
         params:
             sam=AF.get("sam") or {},
             fallback=(AF.get("flare") or {}).get("semantic_fallback", False),
             weights=model_paths(),
             code=code_hash("hybrid.regions"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=4 * 60,
-        benchmark:
-            "results/benchmarks/sam_regions.tsv"
-        log:
-            "results/logs/sam_regions.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/sam_regions.py"

@@ -4,9 +4,7 @@
 # shards. By default a stage of industrial layouts only (baselines.enabled: auto); BASELINES_OUTPUTS
 # is empty where it is off, as CLASSIFY_OUTPUTS is for non-butterfly layouts.
 
-BASELINES_OUTPUTS = (
-    {"manifest": "results/baselines/manifest.parquet"} if stage_enabled("baselines") else {}
-)
+BASELINES_OUTPUTS = {"manifest": "results/baselines/manifest.parquet"} if stage_enabled("baselines") else {}
 
 
 if BASELINES_OUTPUTS:
@@ -22,20 +20,20 @@ if BASELINES_OUTPUTS:
             # Shards (shard-NNNNN.h5) beside the manifest, kept across runs when their fingerprint
             # matches; contact sheets in results/baselines/sheets/<category>.png.
             manifest=BASELINES_OUTPUTS["manifest"],
+        log:
+            "results/logs/baselines.log",
+        benchmark:
+            "results/benchmarks/baselines.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        resources:
+            mem_mb=8000,
+            runtime=60,
         params:
             baselines=config["baselines"],
             # The sources are the rows generate draws from; a null baselines.count is its local count.
             select=config["generate"]["select"],
             default_count=config["generate"]["local"]["count"],
             code=code_hash("hybrid.stages.baselines"),
-        resources:
-            mem_mb=8000,
-            runtime=60,
-        benchmark:
-            "results/benchmarks/baselines.tsv"
-        log:
-            "results/logs/baselines.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/baselines.py"

@@ -15,20 +15,20 @@ if CLASSIFY_OUTPUTS:
             json=CLASSIFY_OUTPUTS["json"],
             table=CLASSIFY_OUTPUTS["table"],
             predictions=directory("results/metrics/predictions"),
+        log:
+            "results/logs/classify.log",
+        benchmark:
+            "results/benchmarks/classify.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=120,
         params:
             # reference_csv reaches the rule as an input; the rest is the stage's own section.
             classify={k: v for k, v in config["classify"].items() if k != "reference_csv"},
             weights=model_paths(),
             code=code_hash("hybrid.classify_stage"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=120,
-        benchmark:
-            "results/benchmarks/classify.tsv"
-        log:
-            "results/logs/classify.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/classify.py"

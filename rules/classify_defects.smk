@@ -24,20 +24,20 @@ if CLASSIFY_DEFECTS_OUTPUTS:
         output:
             json=CLASSIFY_DEFECTS_OUTPUTS["json"],
             table=CLASSIFY_DEFECTS_OUTPUTS["table"],
-        params:
-            classify_defects=config["classify_defects"],
-            weights=model_paths(),
-            code=code_hash("hybrid.stages.classify_defects"),
+        log:
+            "results/logs/classify_defects.log",
+        benchmark:
+            "results/benchmarks/classify_defects.tsv"
+        conda:
+            "../envs/hybrid.yaml"
         threads: 2
         resources:
             mem_mb=16000,
             runtime=240,
             gpu=0 if config["classify_defects"].get("device", "auto") == "cpu" else 1,
-        benchmark:
-            "results/benchmarks/classify_defects.tsv"
-        log:
-            "results/logs/classify_defects.log",
-        conda:
-            "../envs/hybrid.yaml"
+        params:
+            classify_defects=config["classify_defects"],
+            weights=model_paths(),
+            code=code_hash("hybrid.stages.classify_defects"),
         script:
             "../workflow/scripts/classify_defects.py"

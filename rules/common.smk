@@ -212,7 +212,11 @@ def needed_weights():
         net = ev.get("lpips_net", "vgg")
         names += ["inception_is", {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}[net], f"lpips_{net}"]
     cl = config["classify"]
-    if CLASSIFY_OUTPUTS and cl.get("weights", "auto") != "random" and cl.get("model", "dinov2_base").startswith("dinov2_"):
+    if (
+        CLASSIFY_OUTPUTS
+        and cl.get("weights", "auto") != "random"
+        and cl.get("model", "dinov2_base").startswith("dinov2_")
+    ):
         names.append(cl.get("model", "dinov2_base"))
     fs, cd = config["fewshot"], config["classify_defects"]
     if FEWSHOT_OUTPUTS and fs.get("weights", "auto") != "random":

@@ -9,14 +9,14 @@ rule demo_data:
     output:
         train_csv=f"{DEMO_DIR}/butterfly_anomaly_train.csv",
         test_csv=f"{DEMO_DIR}/ref_test.csv",
-    params:
-        demo={k: v for k, v in config["demo"].items() if k != "industrial"},
-        out_dir=lambda wildcards, output: str(Path(output.train_csv).parent),
-        code=code_hash("hybrid.data.demo"),
     log:
         "results/logs/demo_data.log",
     conda:
         "../envs/hybrid.yaml"
+    params:
+        demo={k: v for k, v in config["demo"].items() if k != "industrial"},
+        out_dir=lambda wildcards, output: str(Path(output.train_csv).parent),
+        code=code_hash("hybrid.data.demo"),
     script:
         "../workflow/scripts/demo_data.py"
 
@@ -26,14 +26,14 @@ rule demo_data:
 rule demo_industrial:
     output:
         meta=f"{DEMO_INDUSTRIAL_DIR}/demo.json",
-    params:
-        demo=config["demo"].get("industrial") or {},
-        out_dir=lambda wildcards, output: str(Path(output.meta).parent),
-        code=code_hash("hybrid.data.demo_industrial"),
     log:
         "results/logs/demo_industrial.log",
     conda:
         "../envs/hybrid.yaml"
+    params:
+        demo=config["demo"].get("industrial") or {},
+        out_dir=lambda wildcards, output: str(Path(output.meta).parent),
+        code=code_hash("hybrid.data.demo_industrial"),
     script:
         "../workflow/scripts/demo_industrial.py"
 
@@ -44,15 +44,15 @@ rule ingest:
     output:
         manifest="results/manifest.parquet",
         skipped="results/ingest_skipped.csv",
+    log:
+        "results/logs/ingest.log",
+    conda:
+        "../envs/hybrid.yaml"
     params:
         layout=config["dataset"]["layout"],
         options=reader_options(),
         missing=config["ingest"].get("missing", "error"),
         protocol=config["ingest"].get("protocol") or {},
         code=code_hash("hybrid.ingest"),
-    log:
-        "results/logs/ingest.log",
-    conda:
-        "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/ingest.py"

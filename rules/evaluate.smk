@@ -9,19 +9,19 @@ rule evaluate:
     output:
         json="results/metrics/evaluate.json",
         table="results/metrics/evaluate.parquet",
-    params:
-        evaluate=config["evaluate"],
-        weights=model_paths(),
-        code=code_hash("hybrid.evaluate"),
+    log:
+        "results/logs/evaluate.log",
+    benchmark:
+        "results/benchmarks/evaluate.tsv"
+    conda:
+        "../envs/hybrid.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=120,
-    benchmark:
-        "results/benchmarks/evaluate.tsv"
-    log:
-        "results/logs/evaluate.log",
-    conda:
-        "../envs/hybrid.yaml"
+    params:
+        evaluate=config["evaluate"],
+        weights=model_paths(),
+        code=code_hash("hybrid.evaluate"),
     script:
         "../workflow/scripts/evaluate.py"

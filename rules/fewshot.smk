@@ -28,20 +28,20 @@ if FEWSHOT_OUTPUTS:
         output:
             json=FEWSHOT_OUTPUTS["json"],
             table=FEWSHOT_OUTPUTS["table"],
-        params:
-            fewshot=config["fewshot"],
-            weights=model_paths(),
-            code=code_hash("hybrid.stages.fewshot"),
+        log:
+            "results/logs/fewshot.log",
+        benchmark:
+            "results/benchmarks/fewshot.tsv"
+        conda:
+            "../envs/hybrid.yaml"
         threads: 2
         resources:
             mem_mb=16000,
             runtime=240,
             gpu=0 if config["fewshot"].get("device", "auto") == "cpu" else 1,
-        benchmark:
-            "results/benchmarks/fewshot.tsv"
-        log:
-            "results/logs/fewshot.log",
-        conda:
-            "../envs/hybrid.yaml"
+        params:
+            fewshot=config["fewshot"],
+            weights=model_paths(),
+            code=code_hash("hybrid.stages.fewshot"),
         script:
             "../workflow/scripts/fewshot.py"

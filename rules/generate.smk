@@ -10,9 +10,7 @@ GENERATE_INPUTS = {
     "manifest": "results/manifest.parquet",
     "checkpoint": "results/train/checkpoint",
     # AnomalyHybrid* turns every generated image into aligned depth and edge anomalies.
-    "depth_checkpoint": (
-        "results/train_depth/checkpoint" if config["train_depth"]["enabled"] else []
-    ),
+    "depth_checkpoint": ("results/train_depth/checkpoint" if config["train_depth"]["enabled"] else []),
 }
 
 if GENERATE_CHUNKS == 1:
@@ -25,19 +23,19 @@ if GENERATE_CHUNKS == 1:
             # name, and kept when a run fails so that the rerun resumes at the first missing shard;
             # contact sheets go to results/generated/sheets/<category>.png.
             manifest="results/generated/manifest.parquet",
-        params:
-            generate=config["generate"],
-            code=code_hash("hybrid.generate"),
+        log:
+            "results/logs/generate.log",
+        benchmark:
+            "results/benchmarks/generate.tsv"
+        conda:
+            "../envs/hybrid.yaml"
         threads: max(1, config["generate"].get("workers", 0))
         resources:
             mem_mb=16000,
             runtime=240,
-        benchmark:
-            "results/benchmarks/generate.tsv"
-        log:
-            "results/logs/generate.log",
-        conda:
-            "../envs/hybrid.yaml"
+        params:
+            generate=config["generate"],
+            code=code_hash("hybrid.generate"),
         script:
             "../workflow/scripts/generate.py"
 
@@ -49,21 +47,21 @@ else:
         output:
             # The part's manifest rows; its shards go to results/generated/ (kept across failures).
             rows=f"results/generated/chunks/{{chunk}}-of-{GENERATE_CHUNKS}.parquet",
+        log:
+            "results/logs/generate-{chunk}.log",
+        benchmark:
+            "results/benchmarks/generate-{chunk}.tsv"
         wildcard_constraints:
             chunk=r"\d+",
-        params:
-            generate=config["generate"],
-            code=code_hash("hybrid.generate"),
+        conda:
+            "../envs/hybrid.yaml"
         threads: max(1, config["generate"].get("workers", 0))
         resources:
             mem_mb=16000,
             runtime=240,
-        benchmark:
-            "results/benchmarks/generate-{chunk}.tsv"
-        log:
-            "results/logs/generate-{chunk}.log",
-        conda:
-            "../envs/hybrid.yaml"
+        params:
+            generate=config["generate"],
+            code=code_hash("hybrid.generate"),
         script:
             "../workflow/scripts/generate_chunk.py"
 
@@ -77,15 +75,15 @@ else:
             ),
         output:
             manifest="results/generated/manifest.parquet",
-        params:
-            generate=config["generate"],
-            code=code_hash("hybrid.generate"),
-        resources:
-            mem_mb=4000,
-            runtime=60,
         log:
             "results/logs/generate.log",
         conda:
             "../envs/hybrid.yaml"
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            generate=config["generate"],
+            code=code_hash("hybrid.generate"),
         script:
             "../workflow/scripts/generate_gather.py"

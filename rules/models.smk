@@ -7,13 +7,13 @@
 rule fetch_models:
     output:
         "resources/models.json",
+    log:
+        "results/logs/fetch_models.log",
+    localrule: True
+    conda:
+        "../envs/hybrid.yaml"
     params:
         names=needed_weights(),
         paths=model_paths(),
-    localrule: True
-    log:
-        "results/logs/fetch_models.log",
-    conda:
-        "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/fetch_models.py"

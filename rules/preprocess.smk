@@ -14,21 +14,21 @@ if PREPROCESS_CHUNKS == 1:
             # Shards are written beside the index, each whole under a temporary name, and are kept
             # when a run fails so that the rerun resumes at the first missing shard.
             index="results/shards/index.parquet",
+        log:
+            "results/logs/preprocess.log",
+        benchmark:
+            "results/benchmarks/preprocess.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: max(1, config["preprocess"].get("workers", 2))
+        resources:
+            mem_mb=8000,
+            runtime=240,
         params:
             preprocess=config["preprocess"],
             weights=model_paths(),
             auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
             code=code_hash("hybrid.preprocess"),
-        threads: max(1, config["preprocess"].get("workers", 2))
-        resources:
-            mem_mb=8000,
-            runtime=240,
-        benchmark:
-            "results/benchmarks/preprocess.tsv"
-        log:
-            "results/logs/preprocess.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/preprocess.py"
 
@@ -40,23 +40,23 @@ else:
         output:
             # The part's skipped records; its shards go to results/shards/ (kept across failures).
             records=f"results/shards/chunks/{{chunk}}-of-{PREPROCESS_CHUNKS}.parquet",
+        log:
+            "results/logs/preprocess-{chunk}.log",
+        benchmark:
+            "results/benchmarks/preprocess-{chunk}.tsv"
         wildcard_constraints:
             chunk=r"\d+",
+        conda:
+            "../envs/hybrid.yaml"
+        threads: max(1, config["preprocess"].get("workers", 2))
+        resources:
+            mem_mb=8000,
+            runtime=240,
         params:
             preprocess=config["preprocess"],
             weights=model_paths(),
             auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
             code=code_hash("hybrid.preprocess"),
-        threads: max(1, config["preprocess"].get("workers", 2))
-        resources:
-            mem_mb=8000,
-            runtime=240,
-        benchmark:
-            "results/benchmarks/preprocess-{chunk}.tsv"
-        log:
-            "results/logs/preprocess-{chunk}.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/preprocess_chunk.py"
 
@@ -70,16 +70,16 @@ else:
             ),
         output:
             index="results/shards/index.parquet",
-        params:
-            preprocess=config["preprocess"],
-            weights=model_paths(),
-            code=code_hash("hybrid.preprocess"),
-        resources:
-            mem_mb=2000,
-            runtime=30,
         log:
             "results/logs/preprocess.log",
         conda:
             "../envs/hybrid.yaml"
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        params:
+            preprocess=config["preprocess"],
+            weights=model_paths(),
+            code=code_hash("hybrid.preprocess"),
         script:
             "../workflow/scripts/preprocess_gather.py"

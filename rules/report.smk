@@ -6,16 +6,16 @@ rule report:
         unpack(report_inputs),
     output:
         html="results/report/index.html",
-    params:
-        config=config,
-        auto=AUTO_NOTES,
-        code=code_hash("hybrid.report"),
-    resources:
-        mem_mb=4000,
-        runtime=20,
     log:
         "results/logs/report.log",
     conda:
         "../envs/hybrid.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        config=config,
+        auto=AUTO_NOTES,
+        code=code_hash("hybrid.report"),
     script:
         "../workflow/scripts/report.py"

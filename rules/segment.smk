@@ -29,6 +29,17 @@ if SEGMENT_OUTPUTS:
             # save_pretrained folders <category>/<variant>/<modality>/, and one strip per category
             models=directory("results/segment/models"),
             strips=directory("results/segment/strips"),
+        log:
+            "results/logs/segment.log",
+        benchmark:
+            "results/benchmarks/segment.tsv"
+        conda:
+            "../envs/hybrid.yaml"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=12 * 60,
+            gpu=0 if config["segment"].get("device", "auto") == "cpu" else 1,
         params:
             segment={k: v for k, v in config["segment"].items() if k != "enabled"},
             # Periodic checkpoints and finished models live here, outside the outputs Snakemake
@@ -36,17 +47,6 @@ if SEGMENT_OUTPUTS:
             # resumes, finished models are reused when only scoring settings change.
             work_root="results/segment/work",
             code=code_hash("hybrid.stages.segment"),
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=12 * 60,
-            gpu=0 if config["segment"].get("device", "auto") == "cpu" else 1,
-        benchmark:
-            "results/benchmarks/segment.tsv"
-        log:
-            "results/logs/segment.log",
-        conda:
-            "../envs/hybrid.yaml"
         script:
             "../workflow/scripts/segment.py"
 
@@ -58,15 +58,15 @@ rule export:
         generated="results/generated/manifest.parquet",
     output:
         tree=directory("results/export"),
-    params:
-        export={k: v for k, v in (config.get("export") or {}).items() if k != "enabled"},
-        code=code_hash("hybrid.stages.export"),
-    resources:
-        mem_mb=4000,
-        runtime=60,
     log:
         "results/logs/export.log",
     conda:
         "../envs/hybrid.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        export={k: v for k, v in (config.get("export") or {}).items() if k != "enabled"},
+        code=code_hash("hybrid.stages.export"),
     script:
         "../workflow/scripts/export.py"

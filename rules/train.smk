@@ -9,6 +9,16 @@ rule train:
         checkpoint=directory("results/train/checkpoint"),
         losses="results/train/losses.csv",
         samples=directory("results/train/samples"),
+    log:
+        "results/logs/train.log",
+    benchmark:
+        "results/benchmarks/train.tsv"
+    conda:
+        "../envs/hybrid.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
     params:
         model=config["model"],
         train={k: v for k, v in config["train"].items() if k != "select"},
@@ -19,16 +29,6 @@ rule train:
         # in a folder named by the run's settings: a killed job resumes, a changed one starts over.
         work_root="results/train/work",
         code=code_hash("hybrid.train_stage"),
-    threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=24 * 60,
-    benchmark:
-        "results/benchmarks/train.tsv"
-    log:
-        "results/logs/train.log",
-    conda:
-        "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/train.py"
 
@@ -46,24 +46,26 @@ rule train_depth:
         checkpoint=directory("results/train_depth/checkpoint"),
         losses="results/train_depth/losses.csv",
         samples=directory("results/train_depth/samples"),
+    log:
+        "results/logs/train_depth.log",
+    benchmark:
+        "results/benchmarks/train_depth.tsv"
+    conda:
+        "../envs/hybrid.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=12 * 60,
     params:
         model={**config["model"], "level": "depth", "conditions": None},
-        train={**{k: v for k, v in config["train"].items() if k != "select"},
-               **{k: v for k, v in config["train_depth"].items() if k != "enabled"}},
+        train={
+            **{k: v for k, v in config["train"].items() if k != "select"},
+            **{k: v for k, v in config["train_depth"].items() if k != "enabled"},
+        },
         select=config["train"].get("select", {"split": "train", "label": 0}),
         augment=config["augment"],
         weights=model_paths(),
         work_root="results/train_depth/work",
         code=code_hash("hybrid.train_stage"),
-    threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=12 * 60,
-    benchmark:
-        "results/benchmarks/train_depth.tsv"
-    log:
-        "results/logs/train_depth.log",
-    conda:
-        "../envs/hybrid.yaml"
     script:
         "../workflow/scripts/train.py"
