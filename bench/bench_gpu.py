@@ -39,7 +39,6 @@ import contextlib
 import cProfile
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import pstats
@@ -445,7 +444,8 @@ def model_train(a: dict) -> dict:
     opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
     opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
     b, s = a["train_batch"], a["size"]
-    maps = {n: (torch.rand(b, 3 if n.endswith(("image", "learns")) else 1, s, s, device=dev) * 2 - 1).contiguous(memory_format=fmt)
+    maps = {n: (torch.rand(b, 3 if n.endswith(("image", "learns")) else 1, s, s, device=dev) * 2 - 1)
+            .contiguous(memory_format=fmt)
             for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
     dt = _timed(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast), a["reps"], cuda)
@@ -538,7 +538,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     a = {
         "device": args.device, "precision": args.precision or ("bf16" if cuda else "fp32"),
-        "size": args.size or (256 if cuda else 64), "model": MODELS[args.model or ("paper" if cuda else "demo")], "edge": args.edge or "pidinet", "depth": args.depth or ("depth_anything_small" if cuda else "dataset"),
+        "size": args.size or (256 if cuda else 64), "model": MODELS[args.model or ("paper" if cuda else "demo")],
+        "edge": args.edge or "pidinet", "depth": args.depth or ("depth_anything_small" if cuda else "dataset"),
         "perceptual": args.perceptual or ("vgg19" if cuda else "none"), "ndf": 64 if cuda else 16,
         "train_steps": args.train_steps or (50 if cuda else 20), "train_batch": args.train_batch or (8 if cuda else 4),
         "gen_batch": args.gen_batch or (32 if cuda else 8), "pre_batch": args.pre_batch, "eval_batch": args.eval_batch,

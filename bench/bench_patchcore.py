@@ -24,6 +24,7 @@ import argparse
 import os
 import resource
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +102,10 @@ def main() -> None:
     half = emb[: n_patches // 2]
     for ratio in args.ratios:
         n, n_half = max(1, int(n_patches * ratio)), max(1, int(len(half) * ratio))
-        _, t_half = timed(lambda: greedy_coreset(half, n_half, model.projection_dim), device)
-        keep, t_core = timed(lambda: greedy_coreset(emb, n, model.projection_dim), device)
+        _, t_half = timed(partial(greedy_coreset, half, n_half, model.projection_dim), device)
+        keep, t_core = timed(partial(greedy_coreset, emb, n, model.projection_dim), device)
         bank = emb[keep]
-        _, t_knn = timed(lambda: infer(bank), device)
+        _, t_knn = timed(partial(infer, bank), device)
         rows.append({"ratio": ratio, "bank": len(bank), "bank_mib": bank.numel() * 4 / 2**20, "coreset_s": t_core,
                      "coreset_half_s": t_half, "fit_s": t_embed + t_core,
                      "infer_s": (t_test_embed + t_knn) / args.test})
@@ -127,14 +128,14 @@ def main() -> None:
     for big in args.extrapolate:
         patches = big * per_image
         feats = torch.randn(patches, dim, generator=g).to(device)
-        _, t_proj = timed(lambda: greedy_coreset(feats, 1, model.projection_dim), device)
-        _, t_probe = timed(lambda: greedy_coreset(feats, args.probe + 1, model.projection_dim), device)
+        _, t_proj = timed(partial(greedy_coreset, feats, 1, model.projection_dim), device)
+        _, t_probe = timed(partial(greedy_coreset, feats, args.probe + 1, model.projection_dim), device)
         per_sel = max(0.0, t_probe - t_proj) / args.probe
         query = test_emb[0][:1]
         for ratio in args.ratios:
             sel = max(1, int(patches * ratio))
             bank = feats[:sel]
-            _, t_search = timed(lambda: infer_one(query, bank), device)
+            _, t_search = timed(partial(infer_one, query, bank), device)
             fit = t_embed / args.train * big + t_proj + sel * per_sel
             print(f"| {big} | {patches:,} | {patches * dim * 4 / 2**20:,.0f} | {t_proj:.1f} | {1000 * per_sel:.1f} | "
                   f"{ratio:g} | {sel:,} | {sel * dim * 4 / 2**20:,.0f} | {fit / 60:.1f} | "

@@ -26,8 +26,16 @@ def run(arch: str, width: int, size: int, batch: int, steps: int, eval_batch: in
     import numpy as np
     import torch
 
-    from hybrid.stages.segment import (Pool, SegmentConfig, anomaly_probs, build_model, epoch_plan, focal_loss,
-                                       make_batch, predict)
+    from hybrid.stages.segment import (
+        Pool,
+        SegmentConfig,
+        anomaly_probs,
+        build_model,
+        epoch_plan,
+        focal_loss,
+        make_batch,
+        predict,
+    )
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -109,7 +117,8 @@ def main() -> None:
                           a.threads).result()
         e = estimate(r)
         print(f"| {r['arch']} | {r['width']} | {r['size']} | {r['batch']} | {r['params']:,} | {r['s_per_step']:.2f} | "
-              f"{r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_MiB']:.0f} | {r['cpu_s_per_train_img']:.2f} | "
+              f"{r['train_img_s']:.2f} | {r['infer_img_s']:.2f} | {r['peak_MiB']:.0f} | "
+              f"{r['cpu_s_per_train_img']:.2f} | "
               f"{e['per_model_h']:.1f} | "
               f"{e['category_h']:.0f} |", flush=True)
 

@@ -5,8 +5,8 @@
     python bench/bench_train.py --device cuda --precision bf16 --paper-batch 8
 
 Times full training steps (G update then D update, pix2pixHD losses) on random tensors; the VGG19 of
-the perceptual loss has random weights (same cost as the real one); "none" rows use the pixel L1. Peak memory is the process's
-max RSS on CPU and torch.cuda.max_memory_allocated on GPU.
+the perceptual loss has random weights (same cost as the real one); "none" rows use the pixel L1. Peak
+memory is the process's max RSS on CPU and torch.cuda.max_memory_allocated on GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def run(name: str, model: dict, ndf: int, size: int, batch: int, steps: int, per
     torch.manual_seed(0)
     dev = torch.device(device)
     fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    cfg = TrainConfig(perceptual=perceptual, precision=precision, ndf=ndf, lambda_l1=10.0 if perceptual == "none" else 0.0)
+    cfg = TrainConfig(perceptual=perceptual, precision=precision, ndf=ndf,
+                      lambda_l1=10.0 if perceptual == "none" else 0.0)
     G = Generator(**model).to(dev, memory_format=fmt)
     D = MultiscaleDiscriminator(G.in_channels + G.out_channels, ndf).to(dev, memory_format=fmt)
     vgg = VGGLoss(VGGFeatures("vgg19")).to(dev, memory_format=fmt) if perceptual == "vgg19" else None

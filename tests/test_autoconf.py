@@ -40,7 +40,8 @@ def test_auto_follows_the_layout_and_what_is_installed(model_dir):
     (model_dir / "depth_anything" / "Depth-Anything-V2-Small-hf").mkdir(parents=True)
     (model_dir / "depth_anything" / "Depth-Anything-V2-Small-hf" / "config.json").write_text("{}")
     visa, _ = resolve_auto(default_config("visa"))
-    assert visa["preprocess"]["edge_model"] == "pidinet" and visa["preprocess"]["depth_source"] == "depth_anything_small"
+    assert visa["preprocess"]["edge_model"] == "pidinet"
+    assert visa["preprocess"]["depth_source"] == "depth_anything_small"
     assert visa["model"]["decoders"] == ["AHD", "AHE"]
     explicit, notes = resolve_auto(default_config("visa", preprocess={"edge_model": "canny", "depth_source": "none"}))
     assert explicit["preprocess"]["edge_model"] == "canny" and not any(n.startswith("preprocess") for n in notes)

@@ -1,7 +1,6 @@
 """The ResNet defect classifier of the industrial protocol (paper 003, Tables 5 and 7)."""
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -68,8 +67,8 @@ def cfg(**kw) -> ClassifyDefectsConfig:
 def test_resnet_trained_on_generated_defects_classifies_the_real_eval_anomalies(tmp_path, model_dir):
     gen, manifest = make_data(tmp_path)
     out = tmp_path / "metrics"
-    result = run(gen, tmp_path / "generated", manifest, tmp_path / "shards" / "index.parquet", out,
-                 cfg(variants=["AHD", "both"], manipulations=["all", "merge"]))
+    run(gen, tmp_path / "generated", manifest, tmp_path / "shards" / "index.parquet", out,
+        cfg(variants=["AHD", "both"], manipulations=["all", "merge"]))
     table = pd.read_parquet(out / "classify_defects.parquet")
     assert list(zip(table["category"], table["variant"], table["manipulation"])) == [
         (c, v, m) for c in ("bottle", "pill", "(mean)") for v in ("AHD", "both") for m in ("all", "merge")]

@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hybrid.data.xyz import read_xyz
-
 from hybrid.data import demo
 from hybrid.data.demo import (
     HYBRID_TYPES,
@@ -23,6 +21,7 @@ from hybrid.data.demo import (
     individual,
     make_demo,
 )
+from hybrid.data.xyz import read_xyz
 from tests.conftest import shared_path
 
 # The real challenge files' headers, written out so the test runs without the shared folder.
@@ -280,7 +279,7 @@ def test_hybrids_differ_from_both_parents(subspecies_features):
               for k, v in subspecies_features.items()}
     for t, (p1, p2, _, _) in enumerate(HYBRID_TYPES):
         g1, g2 = SUBSPECIES[p1].genes, SUBSPECIES[p2].genes
-        hyb = _features(lambda rng: individual(cross(g1, g2, rng), rng), 5, (12, t))
+        hyb = _features(lambda rng, g1=g1, g2=g2: individual(cross(g1, g2, rng), rng), 5, (12, t))
         for p in (p1, p2):
             assert (np.linalg.norm(hyb - centre[p], axis=1) > spread[p]).all(), (p1, p2, p)
         for k in range(20):  # and on the gene level, a hybrid never copies a parent

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hybrid.data.demo_industrial import (DEFECTS, OBJECTS, IndustrialDemoConfig, draw,
-                                         make_demo_industrial, plan)
+from hybrid.data.demo_industrial import DEFECTS, OBJECTS, IndustrialDemoConfig, draw, make_demo_industrial, plan
 from hybrid.data.protocol import ProtocolConfig
 from hybrid.data.readers import read_dataset
 from hybrid.data.xyz import read_xyz

@@ -7,13 +7,10 @@ import struct
 import cv2
 import numpy as np
 import pytest
-
-from hybrid.data.xyz import write_xyz as write_xyz_tiff
-
-from tests.tiny_models import save_tiny_depth_anything
 import torch
 
 from hybrid.data.images import ImageError
+from hybrid.data.xyz import write_xyz as write_xyz_tiff
 from hybrid.models.depth import (
     MEAN,
     STD,
@@ -26,6 +23,7 @@ from hybrid.models.depth import (
     sensor_nearness,
     to_uint16,
 )
+from tests.tiny_models import save_tiny_depth_anything
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:

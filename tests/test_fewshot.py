@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 
 from hybrid.models.store import MissingWeightsError
-from hybrid.stages.fewshot import (METHODS, PUBLISHED_PATCHCORE, FewShotConfig, candidates, draw_shots, run,
-                                   setting)
+from hybrid.stages.fewshot import METHODS, PUBLISHED_PATCHCORE, FewShotConfig, candidates, draw_shots, run, setting
 from tests.test_baselines_stage import make_industrial
 from tests.test_generate import save_tiny_checkpoint
 

@@ -50,4 +50,5 @@ def test_vgg_loss_is_frozen_unnormalised_and_accepts_one_channel():
             want += w * (a - b).abs().mean()
     torch.testing.assert_close(value.detach(), want)
     depth = torch.rand(1, 1, 32, 32)
-    torch.testing.assert_close(loss(depth, depth * 0), loss(depth.expand(-1, 3, -1, -1), depth.expand(-1, 3, -1, -1) * 0))
+    rgb = depth.expand(-1, 3, -1, -1)
+    torch.testing.assert_close(loss(depth, depth * 0), loss(rgb, rgb * 0))

@@ -1,7 +1,7 @@
 import numpy as np
-from scipy import ndimage
 import pytest
 import torch
+from scipy import ndimage
 
 from hybrid.manipulate import (
     MANIPULATIONS,

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
-from hybrid.models.patchcore import (PatchCore, anomaly_score, gaussian_blur, greedy_coreset, knn,
-                                     sparse_random_projection)
+from hybrid.models.patchcore import (
+    PatchCore,
+    anomaly_score,
+    gaussian_blur,
+    greedy_coreset,
+    knn,
+    sparse_random_projection,
+)
 from hybrid.models.resnet import load_resnet
 
 

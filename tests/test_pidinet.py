@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.models.pidinet import (VARIANTS, build_pidinet, convert_pidinet, load_pidinet, normalize_rgb,
-                                   pdc_kernel)
+from hybrid.models.pidinet import VARIANTS, build_pidinet, convert_pidinet, load_pidinet, normalize_rgb, pdc_kernel
 from tests.conftest import model_path, shared_path
 
 FIXTURES = ["astronaut", "chelsea", "motorcycle_left", "rocket", "retina"]  # retina is 200x320

@@ -198,7 +198,8 @@ def test_mvtec_ad(tmp_path):
     broken = by_id(df)["mvtec_ad/bottle/test/broken/000"]
     assert (broken["label"], broken["defect"], broken["split"]) == (1, "broken", "test")
     assert broken["mask_path"] == str((root / "bottle/ground_truth/broken/000_mask.png").resolve())
-    assert df.loc[df["defect"] == "good", "label"].eq(0).all() and df.loc[df["defect"] == "good", "mask_path"].isna().all()
+    good = df[df["defect"] == "good"]
+    assert good["label"].eq(0).all() and good["mask_path"].isna().all()
 
     assert set(read_dataset("mvtec_ad", {"root": str(root), "categories": ["cable"]})["category"]) == {"cable"}
     assert len(read_dataset("mvtec_ad", {"root": str(root), "categories": []})) == 5  # empty = all
@@ -278,7 +279,8 @@ def visa_tree(root: Path) -> None:
         if r[4]:
             img(root / r[4])
     (root / "split_csv").mkdir()
-    pd.DataFrame(rows, columns=["object", "split", "label", "image", "mask"]).to_csv(root / "split_csv/1cls.csv", index=False)
+    pd.DataFrame(rows, columns=["object", "split", "label", "image", "mask"]).to_csv(
+        root / "split_csv/1cls.csv", index=False)
 
 
 def test_visa(tmp_path):
@@ -399,7 +401,8 @@ def test_read_dataset_dispatch_and_errors(tmp_path):
     with pytest.raises(ValueError,
                        match=r"unknown dataset layout 'mvtec'; use one of \['demo', 'demo_industrial', 'folder'"):
         read_dataset("mvtec", {})
-    with pytest.raises(ValueError, match=r"does not take the options \['rot'\]; it accepts \['categories', 'missing', 'root'\]"):
+    with pytest.raises(ValueError,
+                       match=r"does not take the options \['rot'\]; it accepts \['categories', 'missing', 'root'\]"):
         read_dataset("mvtec_ad", {"rot": "/data"})
     with pytest.raises(ValueError, match=r"needs the options \['root'\]"):
         read_dataset("visa", {})

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.regions import (RegionConfig, RegionStore, load_sam, preprocess, refine, run_sam_regions, sam_masks,
-                            semantic_region)
+from hybrid.regions import (
+    RegionConfig,
+    RegionStore,
+    load_sam,
+    preprocess,
+    refine,
+    run_sam_regions,
+    sam_masks,
+    semantic_region,
+)
 from tests.af_data import make_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def save_tiny_sam(path, seed: int = 0):
     """A 36k-parameter random SamModel (64 px input, 8 px patches) written with save_pretrained."""
-    from transformers import (SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig,
-                              SamVisionConfig)
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
     vision = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
                              image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,

@@ -22,10 +22,20 @@ from safetensors.torch import load_file
 from hybrid.data.manifest import MANIFEST_COLUMNS, make_manifest
 from hybrid.data.shards import build_index, write_shard
 from hybrid.io import write_parquet_atomic
-from hybrid.models.unet import Segmenter
 from hybrid.metrics.localization import image_score
-from hybrid.stages.segment import (COLUMNS, MEAN, METRICS, Inputs, Outputs, SegmentConfig, Stopped, focal_loss,
-                                   lr_at, run)
+from hybrid.models.unet import Segmenter
+from hybrid.stages.segment import (
+    COLUMNS,
+    MEAN,
+    METRICS,
+    Inputs,
+    Outputs,
+    SegmentConfig,
+    Stopped,
+    focal_loss,
+    lr_at,
+    run,
+)
 
 S = 32
 PROTOCOL = "protocol" in MANIFEST_COLUMNS  # the ingest helper's base / eval column

@@ -95,8 +95,10 @@ def test_generator_code_change_reruns_train_onward(demo_run, tmp_path):
     copy = tmp_path / "repo"
     copy.mkdir()
     for name in ("Snakefile", "rules", "workflow", "config", "hybrid"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(
-            REPO / name, copy / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (REPO / name).is_dir() else {}))
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, copy / name)
     with open(copy / "hybrid/models/generator.py", "a") as f:
         f.write("\n# an edit\n")
     out = subprocess.run([*SNAKEMAKE, "-s", str(copy / "Snakefile"), "--directory", str(demo_run), "--configfile",
