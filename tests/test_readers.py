@@ -395,7 +395,7 @@ def test_same_stem_twice_is_an_error(tmp_path):
 
 def test_read_dataset_dispatch_and_errors(tmp_path):
     assert set(READERS) == {"heliconius", "demo", "demo_industrial", "mvtec_ad", "mvtec_3d", "mvtec_loco",
-                            "visa", "folder"}
+                            "visa", "madsim", "realiad", "folder"}
     opts = heliconius_tree(tmp_path)
     assert set(read_dataset("demo", opts)["dataset"]) == {"demo"}
     with pytest.raises(ValueError,

@@ -56,7 +56,12 @@ def read_mvtec_ad(root: str | Path, categories: Categories = None,
                   missing: str = "error") -> pd.DataFrame:
     """MVTec AD: ``<cat>/{train,test}/<defect>/*.png``; an anomaly's mask is
     ``<cat>/ground_truth/<defect>/<stem>_mask.png``."""
-    root = folder(root, "mvtec_ad root")
+    return read_ad_tree(root, categories, missing, "mvtec_ad")
+
+
+def read_ad_tree(root: str | Path, categories: Categories, missing: str, dataset: str) -> pd.DataFrame:
+    """An MVTec AD tree read as ``dataset`` (ids ``<dataset>/...``): MVTec AD and MAD-Sim."""
+    root = folder(root, f"{dataset} root")
     problems, files, rows = _problems(missing, root), FileIndex(), []
     for cat, split, defect, d in _walk(root, categories):
         for image in list_images(d):
@@ -67,8 +72,8 @@ def read_mvtec_ad(root: str | Path, categories: Categories = None,
                 if mask is None:
                     problems.add(image, gt, "no mask", cat, defect)
                     continue
-            rows.append(_row("mvtec_ad", cat, split, defect, image, mask))
-    return _finish(rows, problems, "mvtec_ad", root, "<category>/train/good/*.png")
+            rows.append(_row(dataset, cat, split, defect, image, mask))
+    return _finish(rows, problems, dataset, root, "<category>/train/good/*.png")
 
 
 def read_mvtec_3d(root: str | Path, categories: Categories = None,

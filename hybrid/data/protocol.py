@@ -40,7 +40,7 @@ ROUNDINGS = ("ceil", "floor")
 ORDERS = ("name", "random")
 TOO_FEW = ("skip", "error")
 # Layouts whose test anomalies have defect types; the butterfly layouts (demo, heliconius) get null.
-LAYOUTS = ("mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder", "demo_industrial")
+LAYOUTS = ("mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder", "demo_industrial", "madsim", "realiad")
 SOURCE = "ingest.protocol"
 NO_DEFECT = "(no defect type)"
 

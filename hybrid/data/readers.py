@@ -12,7 +12,9 @@ from hybrid.data.manifest import ManifestError
 from hybrid.data.demo_industrial import read_demo_industrial
 from hybrid.data.folder import read_folder
 from hybrid.data.heliconius import read_heliconius
+from hybrid.data.madsim import read_madsim
 from hybrid.data.mvtec import read_mvtec_3d, read_mvtec_ad, read_mvtec_loco
+from hybrid.data.realiad import read_realiad
 from hybrid.data.visa import read_visa
 
 READERS: dict[str, Callable[..., pd.DataFrame]] = {
@@ -23,6 +25,8 @@ READERS: dict[str, Callable[..., pd.DataFrame]] = {
     "mvtec_3d": read_mvtec_3d,
     "mvtec_loco": read_mvtec_loco,
     "visa": read_visa,
+    "madsim": read_madsim,  # MAD-Sim (PAD benchmark): an MVTec AD tree of LEGO toys
+    "realiad": read_realiad,  # Real-IAD: per-category split JSONs, five views
     "folder": read_folder,
 }
 
