@@ -4,18 +4,21 @@ The workflow calls :func:`resolve_auto` and :func:`check_config` when it builds 
 mistake fails at once, naming its keys, instead of inside a job (where Snakemake deletes the
 job's previous outputs). Nothing here imports torch: the Snakefile is parsed for every job.
 
-``auto`` values, resolved per dataset layout and per what is present on this machine:
+``dataset`` is one ``{layout, options}`` mapping or a list of them merged into one manifest
+(:func:`dataset_entries` gives both as a list; every layout-aware default below considers all the
+layouts). ``auto`` values, resolved per dataset layout and per what is present on this machine:
 
 - ``preprocess.edge_model``: PiDiNet (the paper's) when its weights are found, else Canny.
-- ``preprocess.depth_source``: the dataset's own depth where the layout has it (MVTec 3D-AD's
+- ``preprocess.depth_source``: the dataset's own depth where every layout has it (MVTec 3D-AD's
   sensor depth, the demos' height maps, a Heliconius ``depth_dir``), else Depth Anything V2 Small
   when its weights are found, else none.
 - ``model.conditions`` / ``model.decoders``: the AnomalyHybrid conditions the maps allow; without
   depth, AHD (which follows depth) is dropped and the model is AnomalyFactory-shaped (AHE only).
-- ``generate.global.pairing``: the butterflies' parent groups on butterfly layouts, random pairs
-  within a category elsewhere.
-- ``generate.local.source``: the industrial protocol's base-set defects on layouts with defect
-  types (when ``ingest.protocol.enabled``), drawn regions on the rest.
+- ``generate.global.pairing``: the butterflies' parent groups when every layout is a butterfly one,
+  random pairs within a category elsewhere.
+- ``generate.local.source``: the industrial protocol's base-set defects when every layout has defect
+  types (and ``ingest.protocol.enabled``), drawn regions otherwise.
+- a stage's ``enabled: auto``: on when every layout is industrial (``rules/common.smk``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 BUTTERFLY_LAYOUTS = ("demo", "heliconius")
-INDUSTRIAL_LAYOUTS = ("mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder", "demo_industrial")
+INDUSTRIAL_LAYOUTS = ("mvtec_ad", "mvtec_3d", "mvtec_loco", "visa", "folder", "demo_industrial", "madsim", "realiad")
 OWN_DEPTH = {"demo": "dataset", "demo_industrial": "dataset", "mvtec_3d": "sensor"}
 RGB_CONDITIONS = ["reference_image", "target_depth", "target_edge"]
 GUIDES = {"AHD": "target_depth", "AHE": "target_edge"}  # the rgb level's roles (hybrid.models.generator)
@@ -34,6 +37,38 @@ GUIDES = {"AHD": "target_depth", "AHE": "target_edge"}  # the rgb level's roles 
 
 class ConfigError(ValueError):
     """A configuration mistake found before any job ran; the message names the keys and the fix."""
+
+
+def dataset_entries(config: Mapping) -> list[dict]:
+    """``dataset`` as a list of ``{"name", "layout", "options"}`` (one entry for the single mapping);
+    ``name`` defaults to the layout and must be unique (it is the manifest's ``dataset`` value)."""
+    ds = config["dataset"]
+    out = [{"name": str(e.get("name") or e["layout"]), "layout": e["layout"], "options": dict(e.get("options") or {})}
+           for e in (ds if isinstance(ds, list) else [ds])]
+    names = [e["name"] for e in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"dataset: the names {dup} are used by more than one entry of the dataset list; give each "
+                          "entry its own `name` (the manifest's dataset value, default the layout), e.g. "
+                          "{layout: mvtec_ad, name: mvtec_ad_2, options: {...}}")
+    return out
+
+
+def dataset_layouts(config: Mapping) -> list[str]:
+    """The layouts of ``dataset``, one per entry (a list of one for the single mapping)."""
+    return [e["layout"] for e in dataset_entries(config)]
+
+
+def all_industrial(config: Mapping) -> bool:
+    """Whether every dataset layout has defect types (stages' ``enabled: auto``, ``local.source``)."""
+    return all(layout in INDUSTRIAL_LAYOUTS for layout in dataset_layouts(config))
+
+
+def own_depth(entry: Mapping) -> str | None:
+    """The depth_source that reads a dataset entry's own depth (sensor / dataset), or None."""
+    if entry["layout"] == "heliconius":
+        return "dataset" if entry["options"].get("depth_dir") else None
+    return OWN_DEPTH.get(entry["layout"])
 
 
 def weights_present(name: str, paths: Mapping[str, str]) -> bool:
@@ -51,7 +86,9 @@ def resolve_auto(config: Mapping) -> tuple[dict, list[str]]:
     """A copy of ``config`` with every ``auto`` resolved, and one note per resolution."""
     cfg = copy.deepcopy(dict(config))
     notes: list[str] = []
-    layout = cfg["dataset"]["layout"]
+    entries = dataset_entries(cfg)
+    layouts = [e["layout"] for e in entries]
+    what = f"the {layouts[0]} layout's" if len(entries) == 1 else "every dataset's"
     paths = (cfg.get("models") or {}).get("paths") or {}
     pre = cfg["preprocess"]
     if pre.get("edge_model") == "auto":
@@ -60,14 +97,17 @@ def resolve_auto(config: Mapping) -> tuple[dict, list[str]]:
         notes.append("preprocess.edge_model: auto -> " + ("pidinet (its weights are present)" if found else
                      "canny (no PiDiNet weights here; `hybrid models fetch pidinet` gives the paper's edges)"))
     if pre.get("depth_source") == "auto":
-        own = OWN_DEPTH.get(layout) or ("dataset" if layout == "heliconius"
-                                        and cfg["dataset"].get("options", {}).get("depth_dir") else None)
+        owns = [own_depth(e) for e in entries]
+        # sensor and dataset both read the manifest's depth_path; a list mixing them takes sensor
+        own = None if None in owns else owns[0] if len(set(owns)) == 1 else "sensor"
         if own:
-            pre["depth_source"], why = own, f"the {layout} layout's own depth"
+            pre["depth_source"], why = own, f"{what} own depth"
         elif weights_present("depth_anything_small", paths):
             pre["depth_source"], why = "depth_anything_small", "its weights are present"
         else:
-            pre["depth_source"], why = "none", ("no depth in this layout and no Depth Anything V2 weights here; "
+            pre["depth_source"], why = "none", (("no depth in this layout" if len(entries) == 1 else
+                                                 "not every dataset has depth of its own")
+                                                + " and no Depth Anything V2 weights here; "
                                                 "`hybrid models fetch depth_anything_small` adds depth")
         notes.append(f"preprocess.depth_source: auto -> {pre['depth_source']} ({why})")
     model = cfg["model"]
@@ -83,14 +123,15 @@ def resolve_auto(config: Mapping) -> tuple[dict, list[str]]:
     gen = cfg["generate"]
     glob = gen.get("global") or {}
     if glob.get("pairing") == "auto":
-        glob["pairing"] = "groups" if layout in BUTTERFLY_LAYOUTS and glob.get("groups") else "random"
+        butterflies = all(x in BUTTERFLY_LAYOUTS for x in layouts)
+        glob["pairing"] = "groups" if butterflies and glob.get("groups") else "random"
         notes.append(f"generate.global.pairing: auto -> {glob['pairing']}"
                      + (" (the butterflies' parent groups)" if glob["pairing"] == "groups" else
                         " (reference and target from one category)"))
     local = gen.get("local") or {}
     if local.get("source") == "auto":
         protocol = (cfg.get("ingest") or {}).get("protocol") or {}
-        base = layout in INDUSTRIAL_LAYOUTS and protocol.get("enabled", True)
+        base = all(x in INDUSTRIAL_LAYOUTS for x in layouts) and protocol.get("enabled", True)
         local["source"] = "base" if base else "select"
         notes.append(f"generate.local.source: auto -> {local['source']}"
                      + (" (the industrial protocol: base-set defects and their masks)" if base else
@@ -169,14 +210,14 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
 
 
 def _check_filters(cfg: Mapping, path: Path) -> list[str]:
-    """train.select, generate.select and the generate groups against an existing manifest of this
-    layout (a manifest of another dataset is stale and not checked)."""
+    """train.select, generate.select and the generate groups against an existing manifest of these
+    datasets (a manifest of other datasets is stale and not checked)."""
     import pandas as pd
 
     from hybrid.data.manifest import matches
 
     rows = pd.read_parquet(path)
-    if set(rows["dataset"].astype(str)) != {cfg["dataset"]["layout"]}:
+    if set(rows["dataset"].astype(str)) != {e["name"] for e in dataset_entries(cfg)}:
         return []
     errors = []
     filters = [("train.select", cfg["train"].get("select") or {"split": "train", "label": 0}),
@@ -202,7 +243,8 @@ def schema_errors(config: Mapping, schema: Mapping, schema_path: str) -> list[st
     import jsonschema
 
     lines = []
-    for e in sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path)):
+    for e in sorted(_leaf_errors(jsonschema.Draft7Validator(schema).iter_errors(config)),
+                    key=lambda e: [str(p) for p in e.absolute_path]):
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         if e.validator == "additionalProperties":
             allowed = sorted((e.schema.get("properties") or {}).keys())
@@ -214,6 +256,24 @@ def schema_errors(config: Mapping, schema: Mapping, schema_path: str) -> list[st
         else:
             lines.append(f"{key}: {e.message}")
     return [f"config key {line} (see {schema_path})" for line in lines]
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(value), "")
+
+
+def _leaf_errors(errors):
+    """Errors with a oneOf / anyOf replaced by the errors of its one branch of the value's type (a
+    `dataset` list is checked as a list of entries, so a typo in an entry's options is named)."""
+    for e in errors:
+        if e.validator in ("oneOf", "anyOf"):
+            branches = [i for i, b in enumerate(e.validator_value) if b.get("type") == _json_type(e.instance)]
+            if len(branches) == 1:
+                sub = [c for c in e.context if c.relative_schema_path and c.relative_schema_path[0] == branches[0]]
+                if sub:
+                    yield from _leaf_errors(sub)
+                    continue
+        yield e
 
 
 def _describe(schema: Mapping) -> str:

@@ -7,12 +7,16 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from hybrid.autoconf import INDUSTRIAL_LAYOUTS, ConfigError, check_config, resolve_auto, schema_errors
+from hybrid.autoconf import ConfigError, all_industrial, check_config, dataset_entries, resolve_auto, schema_errors
 
 
 def _coerce(value, schema):
     """Snakemake parses nested `--config key='{...}'` values as strings: turn them into the
     integers, numbers, booleans and nulls the schema asks for, so every key can be overridden."""
+    kind = "object" if isinstance(value, dict) else "array" if isinstance(value, list) else None
+    branch = [b for b in schema.get("oneOf", []) if b.get("type") == kind]  # `dataset`: a mapping or a list
+    if kind and len(branch) == 1:
+        schema = branch[0]
     if isinstance(value, dict):
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
@@ -107,10 +111,11 @@ def texture_input():
 
 
 def stage_enabled(section):
-    """A stage's `enabled`: true / false as given; auto (the default) = on for industrial layouts."""
+    """A stage's `enabled`: true / false as given; auto (the default) = on when every dataset layout
+    is an industrial one."""
     value = (config.get(section) or {}).get("enabled", "auto")
     if value == "auto":
-        return config["dataset"]["layout"] in INDUSTRIAL_LAYOUTS
+        return all_industrial(config)
     return bool(value)
 
 
@@ -120,30 +125,46 @@ DEMO_DIR = "results/data/demo"
 
 
 def ingest_inputs(wildcards):
-    """The demo's CSVs (or the industrial demo's demo.json), or the dataset's own CSVs where the
-    layout has them."""
-    if config["dataset"]["layout"] == "demo":
-        return [f"{DEMO_DIR}/butterfly_anomaly_train.csv", f"{DEMO_DIR}/ref_test.csv"]
-    if config["dataset"]["layout"] == "demo_industrial":
-        return [f"{DEMO_INDUSTRIAL_DIR}/demo.json"]
-    opts = config["dataset"]["options"]
-    csvs = [opts.get("train_csv"), *(opts.get("reference_csvs") or {}).values()]
-    return [c for c in csvs if c]
+    """Per dataset (`dataset` is one mapping or a list, hybrid.autoconf.dataset_entries): the demo's
+    CSVs (or the industrial demo's demo.json), or the dataset's own CSVs where the layout has them."""
+    inputs = []
+    for entry in dataset_entries(config):
+        if entry["layout"] == "demo":
+            inputs += [f"{DEMO_DIR}/butterfly_anomaly_train.csv", f"{DEMO_DIR}/ref_test.csv"]
+        elif entry["layout"] == "demo_industrial":
+            inputs.append(f"{DEMO_INDUSTRIAL_DIR}/demo.json")
+        else:
+            opts = entry["options"]
+            inputs += [c for c in [opts.get("train_csv"), *(opts.get("reference_csvs") or {}).values()] if c]
+    return list(dict.fromkeys(inputs))
 
 
-def reader_options():
-    """Reader keyword arguments: the demo is read by the Heliconius reader from DEMO_DIR, the
-    industrial demo by its reader (mvtec_ad plus height maps) from DEMO_INDUSTRIAL_DIR (rules/data.smk)."""
-    if config["dataset"]["layout"] == "demo":
+def reader_options(entry=None):
+    """A dataset entry's reader keyword arguments (default: the first entry's): the demo is read by the
+    Heliconius reader from DEMO_DIR, the industrial demo by its reader (mvtec_ad plus height maps) from
+    DEMO_INDUSTRIAL_DIR (rules/data.smk)."""
+    entry = entry or dataset_entries(config)[0]
+    if entry["layout"] == "demo":
         return {
             "image_dir": f"{DEMO_DIR}/images",
             "train_csv": f"{DEMO_DIR}/butterfly_anomaly_train.csv",
             "reference_csvs": {"test": f"{DEMO_DIR}/ref_test.csv"},
             "depth_dir": f"{DEMO_DIR}/depth",
         }
-    if config["dataset"]["layout"] == "demo_industrial":
+    if entry["layout"] == "demo_industrial":
         return {"root": DEMO_INDUSTRIAL_DIR}
-    return dict(config["dataset"]["options"])
+    return dict(entry["options"])
+
+
+def ingest_datasets():
+    """The ingest rule's `datasets`: config `dataset` (a mapping or a list) with each entry's reader
+    options resolved (hybrid.ingest.ingest_datasets)."""
+    ds = config["dataset"]
+    resolved = [
+        {**({"name": e["name"]} if e.get("name") else {}), "layout": e["layout"], "options": reader_options(e)}
+        for e in (ds if isinstance(ds, list) else [ds])
+    ]
+    return resolved if isinstance(ds, list) else resolved[0]
 
 
 # --- classify -----------------------------------------------------------------------------
@@ -151,13 +172,15 @@ def reader_options():
 
 def classify_reference():
     """The reference CSV to score against: classify.reference_csv, else the dataset's reference
-    CSV for classify.split (the demo's ref_test.csv); None for layouts without one."""
+    CSV for classify.split (the demo's ref_test.csv); None for layouts without one (in a dataset list:
+    the one butterfly dataset's; none when there are several)."""
     section = config.get("classify") or {}
     if section.get("reference_csv"):
         return section["reference_csv"]
-    if config["dataset"]["layout"] not in ("demo", "heliconius"):
+    butterflies = [e for e in dataset_entries(config) if e["layout"] in ("demo", "heliconius")]
+    if len(butterflies) != 1:
         return None
-    return (reader_options().get("reference_csvs") or {}).get(section.get("split", "test"))
+    return (reader_options(butterflies[0]).get("reference_csvs") or {}).get(section.get("split", "test"))
 
 
 CLASSIFY_OUTPUTS = (

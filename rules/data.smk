@@ -49,8 +49,7 @@ rule ingest:
     conda:
         "../envs/hybrid.yaml"
     params:
-        layout=config["dataset"]["layout"],
-        options=reader_options(),
+        datasets=ingest_datasets(),
         missing=config["ingest"].get("missing", "error"),
         protocol=config["ingest"].get("protocol") or {},
         code=code_hash("hybrid.ingest"),

@@ -1,12 +1,11 @@
-"""Snakemake adapter: read the configured dataset layout into results/manifest.parquet."""
+"""Snakemake adapter: read the configured dataset layout(s) into results/manifest.parquet."""
 
-from hybrid.ingest import ingest
+from hybrid.ingest import ingest_datasets
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-ingest(
-    snakemake.params.layout,  # noqa: F821
-    snakemake.params.options,  # noqa: F821
+ingest_datasets(
+    snakemake.params.datasets,  # noqa: F821
     missing=snakemake.params.missing,  # noqa: F821
     manifest_path=snakemake.output.manifest,  # noqa: F821
     skipped_path=snakemake.output.skipped,  # noqa: F821
