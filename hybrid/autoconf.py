@@ -202,6 +202,17 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
             errors.append(f"HYBRID_OFFLINE is set and the weights of {missing} are not here: run `hybrid models fetch "
                           f"{' '.join(missing)}` where there is internet and copy them into $HYBRID_MODEL_DIR, give "
                           "models.paths, or use preprocess.edge_model / depth_source: auto")
+    names = [e["name"] for e in dataset_entries(cfg)]
+    for kind in ("global", "local", "normal"):
+        pc = (cfg.get("generate") or {}).get(kind) or {}
+        unknown = [d for d in pc.get("reference_datasets") or [] if d not in names]
+        if unknown:
+            errors.append(f"generate.{kind}.reference_datasets names {unknown}, which are not datasets of the dataset "
+                          f"list {names} (their `name`, default the layout)")
+        elif pc.get("reference_datasets") and (pc.get("pairing", "random") != "random"
+                                               or pc.get("source", "select") not in ("select", "auto")):
+            errors.append(f"generate.{kind}.reference_datasets needs pairing: random and source: select (got pairing "
+                          f"{pc.get('pairing')!r}, source {pc.get('source', 'select')!r})")
     if manifest is not None and Path(manifest).exists():
         errors += _check_filters(cfg, Path(manifest))
     if errors:

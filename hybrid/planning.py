@@ -9,6 +9,14 @@ directions) or ``explicit`` ([reference_id, target_id] lists). ``source: base`` 
 anomalies of one category and defect type (the industrial protocol, paper 003 Sec. 3.5 and 4.1).
 Each pair carries its own seed (:func:`hybrid.seeds.derive_seed`), so outputs do not depend on
 the batch size or on which job writes them.
+
+In a manifest of several datasets (``dataset`` as a list) random pairs stay within one dataset as
+well as one category. ``reference_datasets`` (random pairing of drawn regions only) takes the
+references from other datasets instead, AnomalyFactory's cross-dataset generation (paper 002
+Table 2, the "+mvtecloco" / "+madsim" columns): the targets are still drawn per category from
+``generate.select``, the references from the rows of the named datasets that match
+``generate.select`` apart from its ``dataset`` and ``category`` keys. Every job records the
+dataset of its reference (:attr:`Job.reference_dataset`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class PairingConfig:
     both_directions: bool = True  # groups: B x A as well as A x B
     pairs: list[list[str]] = field(default_factory=list)  # explicit: [[reference_id, target_id], ...]
     source: str = "select"  # select: generate.select rows, drawn regions | base: base-set defects, their masks
+    reference_datasets: list[str] = field(default_factory=list)  # random: references from these datasets
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -65,6 +74,11 @@ class PairingConfig:
         if self.pairing == "explicit" and (not self.pairs or any(len(p) != 2 for p in self.pairs)):
             raise ValueError(f"generate pairing 'explicit' needs pairs as [[reference_id, target_id], ...], "
                              f"got {self.pairs!r}")
+        self.reference_datasets = [str(d) for d in self.reference_datasets or []]
+        if self.reference_datasets and (self.pairing != "random" or self.source != "select"):
+            raise ValueError(f"generate reference_datasets {self.reference_datasets} needs pairing: random and source: "
+                             f"select (got pairing {self.pairing!r}, source {self.source!r}); groups and explicit pairs "
+                             "name their references themselves")
 
     @classmethod
     def from_dict(cls, d: Mapping, kind: str = "pairing") -> PairingConfig:
@@ -85,6 +99,7 @@ class Job:
     manipulation: str  # "none" for global and normal
     seed: int
     defect: str = ""  # base-set pairs: the defect type; their region comes from the real masks
+    reference_dataset: str = ""  # the manifest's dataset of the reference ("" without a dataset column)
 
     @property
     def pair_id(self) -> str:
@@ -95,13 +110,17 @@ def safe_name(s: str) -> str:
     return re.sub(r"[^\w.-]+", "_", str(s)) or "_"
 
 
-def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int) -> list[tuple[str, str, str]]:
+def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int,
+                 references: pd.DataFrame | None = None) -> list[tuple[str, str, str]]:
     """(reference_id, target_id, category) pairs from manifest ``rows``; category = the target's.
 
     random: per category, ``count`` pairs drawn with replacement, reference != target, both sharing
-    the ``match`` columns. groups: every A x B pair (and B x A), at most ``count`` per category
-    (a seeded subset). explicit: the listed pairs, in order.
+    the ``match`` columns (and the dataset, when ``rows`` has several); with ``cfg.reference_datasets``
+    the references come from ``references`` instead (:func:`reference_pool`). groups: every A x B pair
+    (and B x A), at most ``count`` per category (a seeded subset). explicit: the listed pairs, in order.
     """
+    if cfg.reference_datasets:
+        return _cross_pairs(rows, cfg, seed, references if references is not None else rows)
     cat = dict(zip(rows["sample_id"], rows["category"].astype(str)))
     if cfg.pairing == "explicit":
         missing = sorted({s for p in cfg.pairs for s in p if s not in cat})
@@ -131,7 +150,9 @@ def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int) -> list[tupl
             out += [(r, t, c) for r, t in p]
         return out
     for c, sub in rows.assign(category=rows["category"].astype(str)).groupby("category", sort=True):
-        keys = ["category", *[m for m in cfg.match if m != "category"]]
+        # one dataset: the same groups as without the key; several: pairs stay within a dataset
+        own = ["dataset"] if "dataset" in sub.columns and "dataset" not in cfg.match else []
+        keys = ["category", *own, *[m for m in cfg.match if m != "category"]]
         groups = [g["sample_id"].tolist() for _, g in sub.groupby(keys, dropna=False, sort=True) if len(g) >= 2]
         if not groups:
             log.warning("generate: category %s has no two samples sharing %s; no random pairs for it", c, keys)
@@ -146,11 +167,60 @@ def pair_samples(rows: pd.DataFrame, cfg: PairingConfig, seed: int) -> list[tupl
     return out
 
 
+def reference_pool(rows: pd.DataFrame, select: Mapping, cfg: PairingConfig, kind: str = "pairing") -> pd.DataFrame:
+    """The rows of ``cfg.reference_datasets`` that match ``select`` apart from its dataset and
+    category keys (e.g. ``{split: train, label: 0}``: their normal training images)."""
+    have = sorted(set(rows["dataset"].astype(str))) if "dataset" in rows.columns else []
+    unknown = [d for d in cfg.reference_datasets if d not in have]
+    if unknown:
+        raise ValueError(f"generate.{kind}.reference_datasets names {unknown}, not datasets of the manifest; it has "
+                         f"{have} (the dataset list's names)")
+    rest = {k: v for k, v in dict(select or {}).items() if k not in ("dataset", "category")}
+    pool = rows[rows["dataset"].astype(str).isin(cfg.reference_datasets) & matches(rows, rest, "generate.select")]
+    if pool.empty:
+        raise ValueError(f"generate.{kind}.reference_datasets {cfg.reference_datasets}: none of their rows match "
+                         f"generate.select {rest} (its dataset and category keys aside)")
+    return pool
+
+
+def _cross_pairs(rows: pd.DataFrame, cfg: PairingConfig, seed: int,
+                 references: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """Per target category, ``count`` (reference, target) pairs: the target drawn from the category's
+    ``rows``, the reference from ``references`` (sharing the ``match`` columns other than category)."""
+    match = [m for m in cfg.match if m not in ("category", "dataset")]
+
+    def key(frame: pd.DataFrame) -> list[tuple]:
+        return [tuple(str(v) for v in r) for r in frame[match].itertuples(index=False)] if match else [()] * len(frame)
+
+    groups: dict[tuple, list[str]] = {}
+    for k, sid in zip(key(references), references["sample_id"].astype(str)):
+        groups.setdefault(k, []).append(sid)
+    position = {k: {sid: i for i, sid in enumerate(g)} for k, g in groups.items()}
+    out: list[tuple[str, str, str]] = []
+    for c, sub in rows.assign(category=rows["category"].astype(str)).groupby("category", sort=True):
+        rng = _rng(seed, zlib.crc32(c.encode()), 1)
+        targets, keys = sub["sample_id"].astype(str).tolist(), key(sub)
+        for _ in range(cfg.count):
+            t = int(rng.integers(len(targets)))
+            g = groups.get(keys[t], [])
+            own = position.get(keys[t], {}).get(targets[t])  # the target itself is never its reference
+            n = len(g) - (own is not None)
+            if n < 1:
+                log.warning("generate: no reference in %s for target %s (match %s)", cfg.reference_datasets,
+                            targets[t], match)
+                continue
+            j = int(rng.integers(n))
+            out.append((g[j + (own is not None and j >= own)], targets[t], c))
+    return out
+
+
 def plan_jobs(rows: pd.DataFrame, cfg: Any) -> list[Job]:
     """Every pair of every kind, in kind, category, number order, with its seed and manipulation.
     ``cfg``: the generate stage's config (seed, kinds, select, pairings per kind, manipulate)."""
     jobs: list[Job] = []
     selected = rows[matches(rows, cfg.select, "generate.select")]
+    dataset_of = (dict(zip(rows["sample_id"].astype(str), rows["dataset"].astype(str))) if "dataset" in rows.columns
+                  else {})
     for ki, kind in enumerate(KINDS):
         if kind not in cfg.kinds:
             continue
@@ -158,8 +228,11 @@ def plan_jobs(rows: pd.DataFrame, cfg: Any) -> list[Job]:
         if pc.source == "base":
             pairs = base_pairs(rows, pc, _seed(cfg.seed, ki), kind)
         else:
+            pool = reference_pool(rows, cfg.select, pc, kind) if pc.reference_datasets else None
             pairs = [(r, t, c, "") for r, t, c in
-                     pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki))]
+                     pair_samples(rows if pc.pairing == "explicit" else selected, pc, _seed(cfg.seed, ki), pool)]
+            if pc.reference_datasets:
+                log.info("generate %s: %d pairs with references from %s", kind, len(pairs), pc.reference_datasets)
         counter: dict[str, int] = {}
         for ref, tgt, c, defect in pairs:
             n = counter[c] = counter.get(c, -1) + 1
@@ -168,7 +241,7 @@ def plan_jobs(rows: pd.DataFrame, cfg: Any) -> list[Job]:
             if kind == "local":
                 names = cfg.manipulate.manipulations
                 manip = names[int(_rng(s, 1).integers(len(names)))]
-            jobs.append(Job(kind, c, n, ref, tgt, manip, s, defect))
+            jobs.append(Job(kind, c, n, ref, tgt, manip, s, defect, dataset_of.get(ref, "")))
     return jobs
 
 

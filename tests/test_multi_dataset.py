@@ -249,3 +249,68 @@ def test_the_workflow_plans_and_ingests_a_two_layout_list(tmp_path, model_dir):
     assert man["sample_id"].is_unique and man.loc[man["dataset"] == "riad", "sample_id"].str.startswith(
         "riad/realiad/audiojack/").all()
     assert (man["protocol"] == "base").groupby(man["dataset"]).sum().to_dict() == {"mvtec_ad": 1, "riad": 2}
+
+
+# ---------------------------------------------------------------- cross-dataset references (Table 2)
+
+
+def merged_rows() -> pd.DataFrame:
+    """Dataset a: categories x and shared; dataset b: categories shared and z; normal training rows
+    plus one test anomaly each."""
+    rows = []
+    for ds, cats in (("a", ("x", "shared")), ("b", ("shared", "z"))):
+        for c in cats:
+            rows += [{"sample_id": f"{ds}/{c}/{i}", "dataset": ds, "category": c, "split": "train", "label": 0}
+                     for i in range(4)]
+            rows.append({"sample_id": f"{ds}/{c}/bad", "dataset": ds, "category": c, "split": "test", "label": 1})
+    return pd.DataFrame(rows)
+
+
+def plan(rows: pd.DataFrame, select: dict, **pairings):
+    from types import SimpleNamespace
+
+    from hybrid.planning import PairingConfig, plan_jobs
+
+    cfg = SimpleNamespace(seed=0, kinds=list(pairings), select=select,
+                          pairings={k: PairingConfig.from_dict(v, k) for k, v in pairings.items()},
+                          manipulate=SimpleNamespace(manipulations=["merge"]))
+    return plan_jobs(rows, cfg)
+
+
+def test_reference_datasets_take_references_from_other_datasets_targets_per_category():
+    rows = merged_rows()
+    normal = {"split": "train", "label": 0}
+    jobs = plan(rows, {**normal, "dataset": "a"}, local={"count": 6, "reference_datasets": ["b"]})
+    assert {j.category for j in jobs} == {"x", "shared"} and len(jobs) == 12
+    assert all(j.target_id.startswith("a/") and j.reference_id.startswith("b/") for j in jobs)
+    assert all(j.reference_dataset == "b" and not j.reference_id.endswith("/bad") for j in jobs)  # select's split, label
+    assert {j.reference_id.split("/")[1] for j in jobs} == {"shared", "z"}  # any category of b
+    assert plan(rows, {**normal, "dataset": "a"}, local={"count": 6, "reference_datasets": ["b"]}) == jobs
+
+    # without reference_datasets, random pairs of a merged manifest stay within one dataset and category
+    own = plan(rows, normal, local={"count": 20})
+    assert all(j.reference_id.split("/")[:2] == j.target_id.split("/")[:2] for j in own)
+    assert {j.reference_dataset for j in own} == {"a", "b"}
+    # the own dataset can be a reference pool too ("mvtec_ad + mvtec_loco"), never the target itself
+    both = plan(rows, {**normal, "dataset": "a"}, normal={"count": 30, "reference_datasets": ["a", "b"]})
+    assert {j.reference_dataset for j in both} == {"a", "b"} and all(j.reference_id != j.target_id for j in both)
+
+    with pytest.raises(ValueError, match=r"reference_datasets names \['c'\], not datasets of the manifest"):
+        plan(rows, normal, local={"reference_datasets": ["c"]})
+    with pytest.raises(ValueError, match="needs pairing: random and source: select"):
+        plan(rows, normal, local={"reference_datasets": ["b"], "source": "base"})
+
+
+def test_reference_datasets_are_checked_against_the_dataset_list_before_any_job(model_dir):
+    from hybrid.autoconf import check_config
+
+    cfg = default_config([entry("mvtec_ad"), entry("mvtec_loco", name="loco")])
+    cfg["generate"]["normal"]["reference_datasets"] = ["loco"]
+    check_config(resolve_auto(cfg)[0])
+    cfg["generate"]["global"]["reference_datasets"] = ["mvtec_lcoo"]
+    cfg["generate"]["local"]["reference_datasets"] = ["loco"]  # local.source auto -> base on industrial lists
+    with pytest.raises(ConfigError) as err:
+        check_config(resolve_auto(cfg)[0])
+    assert "generate.global.reference_datasets names ['mvtec_lcoo'], which are not datasets" in str(err.value)
+    assert "generate.local.reference_datasets needs pairing: random and source: select" in str(err.value)
+    assert schema_errors(cfg, SCHEMA, "schema.yaml") == []
