@@ -31,8 +31,19 @@ if AF_OUTPUTS:
             manifest="results/manifest.parquet",
         output:
             checkpoint=directory(AF_OUTPUTS["boot"]),
-            losses="results/anomalyfactory/boot/losses.csv",
-            samples=directory("results/anomalyfactory/boot/samples"),
+            losses=report(
+                "results/anomalyfactory/boot/losses.csv",
+                caption="../workflow/report/af_losses.rst",
+                category="AnomalyFactory",
+                subcategory="Boot",
+            ),
+            samples=report(
+                directory("results/anomalyfactory/boot/samples"),
+                patterns=["step-{step}.png"],
+                caption="../workflow/report/af_samples.rst",
+                category="AnomalyFactory",
+                subcategory="Boot",
+            ),
         log:
             "results/logs/boot.log",
         benchmark:
@@ -65,8 +76,19 @@ if AF_OUTPUTS:
             boot=AF_OUTPUTS["boot"],
         output:
             checkpoint=directory(AF_OUTPUTS["flare"]),
-            losses="results/anomalyfactory/flare/losses.csv",
-            samples=directory("results/anomalyfactory/flare/samples"),
+            losses=report(
+                "results/anomalyfactory/flare/losses.csv",
+                caption="../workflow/report/af_losses.rst",
+                category="AnomalyFactory",
+                subcategory="Flare",
+            ),
+            samples=report(
+                directory("results/anomalyfactory/flare/samples"),
+                patterns=["step-{step}.png"],
+                caption="../workflow/report/af_samples.rst",
+                category="AnomalyFactory",
+                subcategory="Flare",
+            ),
         log:
             "results/logs/flare.log",
         benchmark:
@@ -100,8 +122,19 @@ if AF_OUTPUTS:
             flare=AF_OUTPUTS["flare"],
         output:
             checkpoint=directory(AF_OUTPUTS["blaze"]),
-            losses="results/anomalyfactory/blaze/losses.csv",
-            samples=directory("results/anomalyfactory/blaze/samples"),
+            losses=report(
+                "results/anomalyfactory/blaze/losses.csv",
+                caption="../workflow/report/af_losses.rst",
+                category="AnomalyFactory",
+                subcategory="Blaze",
+            ),
+            samples=report(
+                directory("results/anomalyfactory/blaze/samples"),
+                patterns=["step-{step}.png"],
+                caption="../workflow/report/af_samples.rst",
+                category="AnomalyFactory",
+                subcategory="Blaze",
+            ),
         log:
             "results/logs/blaze.log",
         benchmark:
@@ -137,10 +170,26 @@ if AF_OUTPUTS:
             flare=AF_OUTPUTS["flare"],
             blaze=AF_OUTPUTS["blaze"],
         output:
-            json=AF_OUTPUTS["localize"],
+            json=report(
+                AF_OUTPUTS["localize"],
+                caption="../workflow/report/localize.rst",
+                category="AnomalyFactory",
+                subcategory="Localisation",
+            ),
             table="results/metrics/localize.parquet",
-            strips=directory("results/anomalyfactory/strips"),
-            quality_json=AF_OUTPUTS["quality"],
+            strips=report(
+                directory("results/anomalyfactory/strips"),
+                patterns=["{name}.png"],
+                caption="../workflow/report/localize_strips.rst",
+                category="AnomalyFactory",
+                subcategory="Localisation",
+            ),
+            quality_json=report(
+                AF_OUTPUTS["quality"],
+                caption="../workflow/report/af_generation.rst",
+                category="AnomalyFactory",
+                subcategory="Generation quality",
+            ),
             quality_table="results/metrics/af_generation.parquet",
         log:
             "results/logs/localize.log",

@@ -22,7 +22,12 @@ if CLASSIFY_DEFECTS_OUTPUTS:
             index="results/shards/index.parquet",
             manifest="results/manifest.parquet",
         output:
-            json=CLASSIFY_DEFECTS_OUTPUTS["json"],
+            json=report(
+                CLASSIFY_DEFECTS_OUTPUTS["json"],
+                caption="../workflow/report/classify_defects.rst",
+                category="Evaluation",
+                subcategory="Defect classification",
+            ),
             table=CLASSIFY_DEFECTS_OUTPUTS["table"],
         log:
             "results/logs/classify_defects.log",

@@ -26,7 +26,12 @@ if FEWSHOT_OUTPUTS:
                 else []
             ),
         output:
-            json=FEWSHOT_OUTPUTS["json"],
+            json=report(
+                FEWSHOT_OUTPUTS["json"],
+                caption="../workflow/report/fewshot.rst",
+                category="Evaluation",
+                subcategory="Few-shot PatchCore",
+            ),
             table=FEWSHOT_OUTPUTS["table"],
         log:
             "results/logs/fewshot.log",

@@ -24,11 +24,22 @@ if SEGMENT_OUTPUTS:
             index="results/shards/index.parquet",
             generated="results/generated/manifest.parquet",
         output:
-            json=SEGMENT_OUTPUTS["json"],
+            json=report(
+                SEGMENT_OUTPUTS["json"],
+                caption="../workflow/report/segment.rst",
+                category="Evaluation",
+                subcategory="Segmentation",
+            ),
             table=SEGMENT_OUTPUTS["table"],
             # save_pretrained folders <category>/<variant>/<modality>/, and one strip per category
             models=directory("results/segment/models"),
-            strips=directory("results/segment/strips"),
+            strips=report(
+                directory("results/segment/strips"),
+                patterns=["{category}.png"],
+                caption="../workflow/report/segment_strips.rst",
+                category="Evaluation",
+                subcategory="Segmentation",
+            ),
         log:
             "results/logs/segment.log",
         benchmark:
