@@ -20,6 +20,41 @@ def check_device(name: object, key: str) -> str:
     return name
 
 
+def choice(options: Iterable, default: object = dataclasses.MISSING, *,
+           default_factory: object = dataclasses.MISSING) -> dataclasses.Field:
+    """A dataclass field whose value (each item, for a list) is one of ``options``: the one place a key's
+    choices live. ``__post_init__`` checks them with :func:`check_choices`; tests/test_config_truth.py
+    compares them with config/schema.yaml's ``enum``."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"choices": tuple(options)})
+
+
+def _is_one_of(value: object, options: Iterable) -> bool:
+    """``value in options`` with True / 1 and False / 0 kept apart."""
+    return any(value is o if isinstance(o, bool) or isinstance(value, bool) else value == o for o in options)
+
+
+def _words(options: Iterable, last: str = " or ") -> str:
+    names = ["true" if o is True else "false" if o is False else "null" if o is None else str(o) for o in options]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + last + names[-1]
+
+
+def check_choices(obj: object, section: str) -> None:
+    """Every field of dataclass instance ``obj`` declared with :func:`choice` holds one of its choices (a
+    list or tuple: only choices); else a ValueError naming ``section.key``, the value and the choices."""
+    for f in dataclasses.fields(obj):
+        options = f.metadata.get("choices")
+        if options is None:
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if not _is_one_of(v, options)]
+            if bad:
+                raise ValueError(f"{section}.{f.name} {list(value)}: {bad} unknown; choose from {_words(options, ', ')}")
+        elif not _is_one_of(value, options):
+            raise ValueError(f"{section}.{f.name} {value!r}: use {_words(options)}")
+
+
 def check_keys(d: Mapping | None, cls: type, section: str, extra: Iterable[str] = (),
                hidden: Iterable[str] = ()) -> dict:
     """``d`` as a dict, after refusing any key that is not a field of dataclass ``cls`` (or in

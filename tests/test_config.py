@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 
 
 @dataclass
@@ -30,3 +30,32 @@ def test_device_auto_and_explicit():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no GPU"):
             resolve_device("cuda:0")
+
+
+@dataclass
+class Choosy:
+    weights: str = choice(("auto", "real", "random"), "auto")
+    kinds: list = choice(("global", "local"), default_factory=lambda: ["local"])
+    depth: object = choice(("auto", True, False), "auto")
+
+    def __post_init__(self) -> None:
+        check_choices(self, "sec")
+
+
+def test_choices_are_checked_naming_the_key_and_the_choices():
+    assert Choosy(depth=True).depth is True and Choosy(kinds=["global", "local"]).kinds == ["global", "local"]
+    with pytest.raises(ValueError, match=r"sec\.weights 'x': use auto, real or random"):
+        Choosy(weights="x")
+    with pytest.raises(ValueError, match=r"sec\.kinds \['local', 'normal'\]: \['normal'\] unknown; choose from global, local"):
+        Choosy(kinds=["local", "normal"])
+    for bad in (1, "true", None):  # True / 1 kept apart; booleans are not their names
+        with pytest.raises(ValueError, match=r"sec\.depth .*: use auto, true or false"):
+            Choosy(depth=bad)
+
+
+def test_devices_are_auto_cpu_cuda_or_cuda_n():
+    for ok in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert check_device(ok, "x.device") == ok
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU", None, 0):
+        with pytest.raises(ValueError, match=r"x\.device: .* is not a device; use auto, cpu, cuda or cuda:N"):
+            check_device(bad, "x.device")
