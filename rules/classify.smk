@@ -12,7 +12,12 @@ if CLASSIFY_OUTPUTS:
             generated="results/generated/manifest.parquet",
             reference=classify_reference(),
         output:
-            json=CLASSIFY_OUTPUTS["json"],
+            json=report(
+                CLASSIFY_OUTPUTS["json"],
+                caption="../workflow/report/classify.rst",
+                category="Evaluation",
+                subcategory="Hybrid detection",
+            ),
             table=CLASSIFY_OUTPUTS["table"],
             predictions=directory("results/metrics/predictions"),
         log:

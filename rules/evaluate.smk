@@ -7,7 +7,12 @@ rule evaluate:
         index="results/shards/index.parquet",
         manifest="results/manifest.parquet",
     output:
-        json="results/metrics/evaluate.json",
+        json=report(
+            "results/metrics/evaluate.json",
+            caption="../workflow/report/evaluate.rst",
+            category="Evaluation",
+            subcategory="Generation quality",
+        ),
         table="results/metrics/evaluate.parquet",
     log:
         "results/logs/evaluate.log",

@@ -5,7 +5,7 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        html="results/report/index.html",
+        html=report("results/report/index.html", caption="../workflow/report/report_html.rst", category="Report"),
     log:
         "results/logs/report.log",
     conda:

@@ -7,8 +7,19 @@ rule train:
         manifest="results/manifest.parquet",
     output:
         checkpoint=directory("results/train/checkpoint"),
-        losses="results/train/losses.csv",
-        samples=directory("results/train/samples"),
+        losses=report(
+            "results/train/losses.csv",
+            caption="../workflow/report/train_losses.rst",
+            category="Training",
+            subcategory="AnomalyHybrid",
+        ),
+        samples=report(
+            directory("results/train/samples"),
+            patterns=["step-{step}.png"],
+            caption="../workflow/report/train_samples.rst",
+            category="Training",
+            subcategory="AnomalyHybrid",
+        ),
     log:
         "results/logs/train.log",
     benchmark:
@@ -44,8 +55,19 @@ rule train_depth:
         init="results/train/checkpoint",
     output:
         checkpoint=directory("results/train_depth/checkpoint"),
-        losses="results/train_depth/losses.csv",
-        samples=directory("results/train_depth/samples"),
+        losses=report(
+            "results/train_depth/losses.csv",
+            caption="../workflow/report/train_losses.rst",
+            category="Training",
+            subcategory="AnomalyHybrid* (depth level)",
+        ),
+        samples=report(
+            directory("results/train_depth/samples"),
+            patterns=["step-{step}.png"],
+            caption="../workflow/report/train_samples.rst",
+            category="Training",
+            subcategory="AnomalyHybrid* (depth level)",
+        ),
     log:
         "results/logs/train_depth.log",
     benchmark:

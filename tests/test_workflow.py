@@ -70,6 +70,22 @@ def test_every_stage_wrote_its_outputs(demo_run):
     assert sorted((r / "metrics/predictions").glob("*.txt"))
 
 
+def test_snakemake_report_holds_the_marked_outputs(demo_run, tmp_path):
+    """`snakemake --report` (make report) on the finished run: the outputs marked report() with their captions."""
+    import zipfile
+
+    out = tmp_path / "report.zip"
+    snakemake(demo_run, "--report", str(out))
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        html = z.read(next(n for n in names if n.endswith("/report.html"))).decode()
+    files = {n.rsplit("/", 1)[1] for n in names if "/data/raw/" in n}
+    assert {"losses.csv", "evaluate.json", "classify.json", "index.html"} <= files
+    assert any(f.startswith("step-") and f.endswith(".png") for f in files)  # the training samples (patterns)
+    for text in ("Training", "Evaluation", "Generation quality", "Hybrid detection", "Inception Score"):
+        assert text in html, text
+
+
 def test_preprocess_param_reruns_preprocess_and_descendants_only(demo_run):
     jobs = scheduled(demo_run, "--config", "preprocess={resolution: 24}")
     assert set(jobs) == {"preprocess", "train"} | AFTER_TRAIN
