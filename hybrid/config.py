@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the schema's pattern for every `device` key
+WEIGHT_MODES = ("auto", "real", "random")  # a stage's `weights`: registered files, seeded stand-ins, or either
 
 
 def check_device(name: object, key: str) -> str:
@@ -21,12 +22,13 @@ def check_device(name: object, key: str) -> str:
 
 
 def choice(options: Iterable, default: object = dataclasses.MISSING, *,
-           default_factory: object = dataclasses.MISSING) -> dataclasses.Field:
-    """A dataclass field whose value (each item, for a list) is one of ``options``: the one place a key's
-    choices live. ``__post_init__`` checks them with :func:`check_choices`; tests/test_config_truth.py
-    compares them with config/schema.yaml's ``enum``."""
+           default_factory: object = dataclasses.MISSING, alone: Iterable = ()) -> dataclasses.Field:
+    """A dataclass field whose value (each item, for a list) is one of ``options``, or one of ``alone``
+    in place of a list (evaluate.kinds: auto or a list of kinds): the one place a key's choices live.
+    ``__post_init__`` checks them with :func:`check_choices`; tests/test_config_truth.py compares them
+    with config/schema.yaml's ``enum``."""
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"choices": tuple(options)})
+                             metadata={"choices": tuple(options), "alone": tuple(alone)})
 
 
 def _is_one_of(value: object, options: Iterable) -> bool:
@@ -46,7 +48,11 @@ def check_choices(obj: object, section: str) -> None:
         options = f.metadata.get("choices")
         if options is None:
             continue
-        value = getattr(obj, f.name)
+        value, alone = getattr(obj, f.name), f.metadata.get("alone", ())
+        if _is_one_of(value, alone):
+            continue
+        if alone and not isinstance(value, (list, tuple)):
+            raise ValueError(f"{section}.{f.name} {value!r}: use {_words(alone)} or a list of {_words(options, ', ')}")
         if isinstance(value, (list, tuple)):
             bad = [v for v in value if not _is_one_of(v, options)]
             if bad:

@@ -37,6 +37,7 @@ class Choosy:
     weights: str = choice(("auto", "real", "random"), "auto")
     kinds: list = choice(("global", "local"), default_factory=lambda: ["local"])
     depth: object = choice(("auto", True, False), "auto")
+    which: object = choice(("global", "local"), "auto", alone=("auto",))
 
     def __post_init__(self) -> None:
         check_choices(self, "sec")
@@ -48,6 +49,9 @@ def test_choices_are_checked_naming_the_key_and_the_choices():
         Choosy(weights="x")
     with pytest.raises(ValueError, match=r"sec\.kinds \['local', 'normal'\]: \['normal'\] unknown; choose from global, local"):
         Choosy(kinds=["local", "normal"])
+    assert Choosy(which=["local"]).which == ["local"]
+    with pytest.raises(ValueError, match=r"sec\.which 'global': use auto or a list of global, local"):
+        Choosy(which="global")  # auto alone, or a list of the choices
     for bad in (1, "true", None):  # True / 1 kept apart; booleans are not their names
         with pytest.raises(ValueError, match=r"sec\.depth .*: use auto, true or false"):
             Choosy(depth=bad)
