@@ -47,7 +47,8 @@ def test_choices_are_checked_naming_the_key_and_the_choices():
     assert Choosy(depth=True).depth is True and Choosy(kinds=["global", "local"]).kinds == ["global", "local"]
     with pytest.raises(ValueError, match=r"sec\.weights 'x': use auto, real or random"):
         Choosy(weights="x")
-    with pytest.raises(ValueError, match=r"sec\.kinds \['local', 'normal'\]: \['normal'\] unknown; choose from global, local"):
+    with pytest.raises(ValueError,
+                       match=r"sec\.kinds \['local', 'normal'\]: \['normal'\] unknown; choose from global, local"):
         Choosy(kinds=["local", "normal"])
     assert Choosy(which=["local"]).which == ["local"]
     with pytest.raises(ValueError, match=r"sec\.which 'global': use auto or a list of global, local"):
