@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from hybrid.generate import generate_batch
+from hybrid.pipeline import generate_batch
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
 

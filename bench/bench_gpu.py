@@ -12,10 +12,10 @@ threads wait for each other and elementwise work can take many times longer.
 Builds a synthetic data set first: N images (an object on a textured table, with its height map)
 written as PNGs and MVTec-3D-style xyz TIFFs, read back by the ``folder`` layout reader into a
 manifest. Then runs each stage's real code path, each in a fresh process so that its peak memory
-is its own: preprocess (:func:`hybrid.preprocess.preprocess`), train
-(:func:`hybrid.train_stage.run_train_stage` for ``--train-steps`` steps), generate
-(:func:`hybrid.generate.generate` from the trained checkpoint) and evaluate
-(:func:`hybrid.evaluate.evaluate`). Beside each stage: its model alone on the same batch (PiDiNet
+is its own: preprocess (:func:`hybrid.stages.preprocess.run`), train
+(:func:`hybrid.stages.train.run` for ``--train-steps`` steps), generate
+(:func:`hybrid.stages.generate.run` from the trained checkpoint) and evaluate
+(:func:`hybrid.stages.evaluate.run`). Beside each stage: its model alone on the same batch (PiDiNet
 or Canny, the train step on random tensors, the generator's forward, Inception-v3), so the gap
 between the model and the stage is visible. Feature networks have random weights (same cost).
 
@@ -156,7 +156,7 @@ def random_checkpoint(path: Path, model: dict) -> Path:
 
     from hybrid.models.discriminator import MultiscaleDiscriminator
     from hybrid.models.generator import Generator
-    from hybrid.train import save_checkpoint
+    from hybrid.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     G = Generator(**model)
@@ -234,17 +234,17 @@ def _threads(n: int) -> None:
 
 # ----------------------------------------------------------------------------- stages (child processes)
 def stage_preprocess(a: dict) -> dict:
-    import hybrid.preprocess as pre
+    import hybrid.stages.preprocess as pre
     from hybrid.data.manifest import read_manifest
 
     _threads(a["threads"])
     manifest = read_manifest(a["manifest"])
     cfg = pre.PreprocessConfig(resolution=a["size"], edge_model=a["edge"], depth_source=a["depth"],
                                device=a["device"], precision=a["precision"] if a["device"] != "cpu" else "auto",
-                               batch_size=a["pre_batch"], workers=a["workers"], weights=a["weights"],
+                               batch_size=a["pre_batch"], workers=a["workers"], paths=a["weights"],
                                shard_size=a["shard_size"])
     meter = Meter(a["device"])
-    real_init = pre._Maps.__init__
+    real_init = pre.MapComputer.__init__
 
     def init(self, *args, **kw):  # count the map models' calls as model time
         real_init(self, *args, **kw)
@@ -255,7 +255,7 @@ def stage_preprocess(a: dict) -> dict:
 
             depth.predict_depth = meter.wrap(depth.predict_depth)
 
-    pre._Maps.__init__ = init
+    pre.MapComputer.__init__ = init
     real_run = pre._Pending._run
 
     def run(self, items):
@@ -263,7 +263,7 @@ def stage_preprocess(a: dict) -> dict:
         meter.mark_first()
 
     pre._Pending._run = run
-    pre.preprocess(manifest, a["out"], cfg)
+    pre.run(manifest, a["out"], cfg)
     return meter.result(len(manifest), a["pre_batch"])
 
 
@@ -271,7 +271,7 @@ def stage_train(a: dict) -> dict:
     import hybrid.train as train
     from hybrid.data.manifest import read_manifest
     from hybrid.io import write_parquet_atomic
-    from hybrid.train_stage import run_train_stage
+    from hybrid.stages.train import run as run_train_stage
 
     _threads(a["threads"])
     root = Path(a["out"])
@@ -301,13 +301,14 @@ def stage_train(a: dict) -> dict:
 
     train.train_step = meter.wrap(step)
     run_train_stage(a["index"], root / "manifest.parquet", root / "checkpoint", root / "losses.csv",
-                    root / "samples", root / "work", a["model"], cfg, {}, weights=a["weights"],
+                    root / "samples", root / "work", a["model"], cfg, {}, paths=a["weights"],
                     threads=a["threads"])
     return meter.result(calls["n"] * a["train_batch"], a["train_batch"])
 
 
 def stage_generate(a: dict) -> dict:
-    import hybrid.generate as gen
+    import hybrid.pipeline as pipeline
+    import hybrid.stages.generate as gen
     from hybrid.data.manifest import read_manifest
 
     _threads(a["threads"])
@@ -320,26 +321,24 @@ def stage_generate(a: dict) -> dict:
         "precision": a["precision"] if a["device"] != "cpu" else "auto", "shard_size": a["shard_size"],
         "sheet_rows": 2, **({"chunks": 1} if "chunks" in gen.GenerateConfig.__dataclass_fields__ else {})})
     meter = Meter(a["device"])
-    real_load = gen.load_generator
+    real_init = pipeline.HybridPipeline.__init__
 
-    def load(*args, **kw):
-        G = real_load(*args, **kw)
-        G.forward = meter.wrap(G.forward)
-        return G
+    def init(self, *args, **kw):  # the generator's forward is the model time
+        real_init(self, *args, **kw)
+        self.generator.forward = meter.wrap(self.generator.forward)
 
-    gen.load_generator = load
-    batch_fn = "_encode" if hasattr(gen, "_encode") else "run_generator"  # the stage's per-batch call
-    real_run = getattr(gen, batch_fn)
+    pipeline.HybridPipeline.__init__ = init
+    real_encode = pipeline.HybridPipeline.encode  # the stage's per-batch call
 
-    def run(*args, **kw):
-        out = real_run(*args, **kw)
+    def encode(self, batch):
+        out = real_encode(self, batch)
         meter.mark_first()
         return out
 
-    setattr(gen, batch_fn, run)
+    pipeline.HybridPipeline.encode = encode
     prof = cProfile.Profile() if a.get("profile") else None
     with prof or contextlib.nullcontext():
-        df = gen.generate(a["checkpoint"], a["index"], manifest, a["out"], cfg)
+        df = gen.run(a["checkpoint"], a["index"], manifest, a["out"], cfg)
     res = meter.result(len(df), a["gen_batch"] * 2)
     if prof is not None:
         s = io.StringIO()
@@ -351,7 +350,7 @@ def stage_generate(a: dict) -> dict:
 def stage_evaluate(a: dict) -> dict:
     import pandas as pd
 
-    import hybrid.evaluate as ev
+    import hybrid.stages.evaluate as ev
 
     _threads(a["threads"])
     gen_dir = Path(a["generated"])
@@ -365,7 +364,7 @@ def stage_evaluate(a: dict) -> dict:
         if hasattr(LPIPS, name):
             setattr(LPIPS, name, meter.wrap(getattr(LPIPS, name)))
     n = len(pd.read_parquet(gen_dir / "manifest.parquet"))
-    ev.evaluate(gen_dir / "manifest.parquet", gen_dir, a["manifest"], a["index"], a["out"], cfg)
+    ev.run(gen_dir / "manifest.parquet", gen_dir, a["manifest"], a["index"], a["out"], cfg)
     return meter.result(n)
 
 
@@ -477,7 +476,7 @@ def model_generator(a: dict) -> dict:
 def model_inception(a: dict) -> dict:
     import torch
 
-    from hybrid.evaluate import random_inception
+    from hybrid.stages.evaluate import random_inception
 
     _threads(a["threads"])
     dev = torch.device(a["device"])

@@ -18,7 +18,8 @@ import numpy as np
 
 from hybrid.data.demo import DemoConfig, make_demo
 from hybrid.data.readers import read_dataset
-from hybrid.preprocess import PreprocessConfig, preprocess
+from hybrid.stages.preprocess import PreprocessConfig
+from hybrid.stages.preprocess import run as preprocess
 
 
 def peak_mib() -> float:

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hybrid.generate import Samples, load_generator, run_generator, to_uint8
+from hybrid.pipeline import load_generator, run_generator, to_uint8
+from hybrid.stages.generate import Samples
 from hybrid.viz import contact_sheet
 
 SHIFTS = (0.0, 0.12, -0.12)  # the edge map moves by this fraction of the width

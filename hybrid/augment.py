@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 
 PAD_MODES = ("border", "zeros", "reflection")
 _FADE = 0.125  # width of the TPS fade-out ring, fraction of the window side
@@ -44,7 +44,7 @@ class AugmentConfig:
     rtp_translate: float = 0.1  # max translation, fraction of each image side
     flip_lr: float = 0.5  # probability of a left-right flip
     flip_tb: float = 0.5  # probability of a top-bottom flip
-    pad_mode: str = "border"  # fill outside the input: "border" (replicate), "zeros", "reflection"
+    pad_mode: str = choice(PAD_MODES, "border")  # fill outside the input: border (replicate), zeros, reflection
 
     def __post_init__(self) -> None:
         self.tps_window = _pair("tps_window", self.tps_window)
@@ -64,8 +64,7 @@ class AugmentConfig:
                              f"got {self.rtp_scale}")
         if self.rtp_translate < 0:
             raise ValueError(f"augment.rtp_translate must be >= 0, got {self.rtp_translate}")
-        if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"augment.pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        check_choices(self, "augment")
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:

@@ -75,11 +75,7 @@ def weights_present(name: str, paths: Mapping[str, str]) -> bool:
     """Whether the model store would find ``name`` here without downloading."""
     from hybrid.models import store
 
-    if paths.get(name):
-        return Path(paths[name]).expanduser().exists()
-    spec = store.get_spec(name)
-    return any((root / spec.relpath / "config.json").is_file() if spec.kind == "hf" else (root / spec.relpath).is_file()
-               for _, root in store.search_roots())
+    return store.present(name, paths) is not None
 
 
 def resolve_auto(config: Mapping) -> tuple[dict, list[str]]:
@@ -213,6 +209,13 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
                                                or pc.get("source", "select") not in ("select", "auto")):
             errors.append(f"generate.{kind}.reference_datasets needs pairing: random and source: select (got pairing "
                           f"{pc.get('pairing')!r}, source {pc.get('source', 'select')!r})")
+    af = cfg.get("anomalyfactory") or {}
+    for key, values, extra in (("anomalyfactory.quality.references", (af.get("quality") or {}).get("references"),
+                                ["self"]), ("anomalyfactory.per_dataset", list(af.get("per_dataset") or {}), [])):
+        unknown = [v for v in values or [] if v not in names + extra]
+        if unknown and af.get("enabled"):
+            errors.append(f"{key} names {unknown}, which are not datasets of the dataset list {names} (their `name`, "
+                          "default the layout)" + (" or 'self'" if extra else ""))
     if manifest is not None and Path(manifest).exists():
         errors += _check_filters(cfg, Path(manifest))
     if errors:

@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.data._files import IMAGE_EXTS, SHOWN, is_image
 from hybrid.data.images import ImageError, decode, probe
 
@@ -99,7 +99,7 @@ class PerlinConfig:
 class CutPasteConfig:
     """CutPaste (the ``baselines.cutpaste`` config section); scar sizes are pixels at 256 px."""
 
-    variant: str = "normal"  # normal | scar
+    variant: str = choice(VARIANTS, "normal")
     area: tuple[float, float] = (0.02, 0.15)  # normal: patch area, fraction of the image
     aspect: tuple[float, float] = (0.3, 3.3)  # normal: width / height, log-uniform
     scar_width: tuple[float, float] = (2.0, 16.0)
@@ -109,8 +109,7 @@ class CutPasteConfig:
 
     def __post_init__(self) -> None:
         s = "baselines.cutpaste"
-        if self.variant not in VARIANTS:
-            raise ValueError(f"{s}.variant {self.variant!r}: use one of {list(VARIANTS)}")
+        check_choices(self, s)
         self.area = _pair(s, "area", self.area, 0, 1)
         self.aspect = _pair(s, "aspect", self.aspect, 0)
         if self.area[0] <= 0 or self.aspect[0] <= 0:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.io import atomic_path
 from hybrid.metrics.challenge import challenge_scores, write_predictions
 
@@ -53,6 +53,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 PREPROCESS = "resize224-pil-bilinear-aa/imagenet-norm/cls+meanpatch"  # part of the cache key
 HEADS = ("linear", "sgd")
+SGD_LEARNING_RATES = ("constant", "optimal", "invscaling", "adaptive")  # scikit-learn SGDClassifier's
 
 
 # ----------------------------------------------------------------------------- features
@@ -216,19 +217,20 @@ class HeadConfig:
     linear_epochs: int = 50
     linear_batch_size: int = 64
     sgd_alpha: float = 1e-3
-    sgd_learning_rate: str = "constant"
+    sgd_learning_rate: str = choice(SGD_LEARNING_RATES, "constant")
     sgd_eta0: float = 1e-3
     sgd_max_iter: int = 10_000
-    sgd_tol: float = 1e-3
+    sgd_tol: float | None = 1e-3  # None: no tolerance stop (scikit-learn's tol=None)
     sgd_n_iter_no_change: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "linear_hidden", tuple(int(w) for w in self.linear_hidden))
+        check_choices(self, "classify")
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> HeadConfig:
         """From a config mapping; unknown keys are refused."""
-        d = check_keys(d, cls, "classify")
-        if "linear_hidden" in d:
-            d["linear_hidden"] = tuple(int(w) for w in d["linear_hidden"])
-        return cls(**d)
+        return cls(**check_keys(d, cls, "classify"))
 
 
 def make_mlp(in_dim: int, hidden: Sequence[int] = (512, 128), dropout: float = 0.2) -> nn.Sequential:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the schema's pattern for every `device` key
 WEIGHT_MODES = ("auto", "real", "random")  # a stage's `weights`: registered files, seeded stand-ins, or either
+PRECISIONS = ("auto", "fp32", "bf16")  # a stage's autocast `precision`: auto = bf16 on cuda, fp32 on cpu
 
 
 def check_device(name: object, key: str) -> str:
@@ -52,7 +53,8 @@ def check_choices(obj: object, section: str) -> None:
         if _is_one_of(value, alone):
             continue
         if alone and not isinstance(value, (list, tuple)):
-            raise ValueError(f"{section}.{f.name} {value!r}: use {_words(alone)} or a list of {_words(options, ', ')}")
+            raise ValueError(f"{section}.{f.name} {value!r}: use {_words(alone)} or a list of "
+                             f"{_words(options, ', ')}")
         if isinstance(value, (list, tuple)):
             bad = [v for v in value if not _is_one_of(v, options)]
             if bad:

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,44 @@ def write_json_atomic(path: str | Path, obj: object) -> None:
 def write_parquet_atomic(df, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Rename the finished directory ``src`` onto ``dst`` (an old ``dst`` is moved aside first and
+    removed once the new one is in place)."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)  # the old one survives a failure
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` (``.<name>.*.partial``, mode per the umask); when
+    the block succeeds, every file in it is given the umask's mode and the folder is renamed onto
+    ``path`` (:func:`publish`). On error the temporary folder is removed and ``path`` is untouched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: folders follow the umask like every output
+    except OSError as e:
+        _reraise(e, path)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) make 0600 files
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+        publish(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            _reraise(e, path)
+        raise

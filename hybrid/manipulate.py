@@ -41,11 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.augment import tps_warp_grid
 
 Maps = dict[str, torch.Tensor]
 SHAPES = ("blob", "ellipse", "rectangle", "polygon")
+MANIPULATION_NAMES = ("merge", "remove", "replace", "tps")  # the keys of MANIPULATIONS (below)
 FOREGROUNDS = ("auto", "depth", "color")
 MANIPULATED = ("edge", "depth")  # the target conditions a manipulation edits
 _BORDER = 0.05  # width of the border ring that defines the background, fraction of the short side
@@ -56,13 +57,13 @@ _FG_FRACTION = (0.01, 0.9)  # a usable foreground covers this fraction of the im
 class ManipulateConfig:
     """Local anomaly settings (the ``generate.manipulate`` config section)."""
 
-    manipulations: list[str] = field(default_factory=lambda: ["merge", "remove", "replace", "tps"])
+    manipulations: list[str] = choice(MANIPULATION_NAMES, default_factory=lambda: list(MANIPULATION_NAMES))
     shapes: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in SHAPES})  # weights
     area: tuple[float, float] = (0.005, 0.04)  # area of each region, fraction of the image
     aspect: tuple[float, float] = (0.25, 4.0)  # width / height of a shape (drawn log-uniformly)
     regions: tuple[int, int] = (1, 2)  # regions drawn on each of target and reference
     object_aware: float = 0.9  # probability that regions are kept on the object foreground
-    foreground: str = "auto"  # auto (depth, else colour) | depth | color
+    foreground: str = choice(FOREGROUNDS, "auto")  # auto: depth, else colour
     foreground_threshold: float = 0.1  # departure from the border value, fraction of the range
     reference_scale: tuple[float, float] = (0.8, 1.25)  # resize of the reference about the centre
     reference_shift: float = 0.15  # max shift (crop) of the reference, fraction of the side
@@ -75,8 +76,7 @@ class ManipulateConfig:
         self.manipulations = list(self.manipulations)
         if not self.manipulations:
             raise ValueError(f"manipulate.manipulations is empty; use some of {sorted(MANIPULATIONS)}")
-        for m in self.manipulations:
-            check_manipulation(m)
+        check_choices(self, "manipulate")
         unknown = sorted(set(self.shapes) - set(SHAPES))
         if unknown or not self.shapes or min(self.shapes.values()) < 0 or sum(self.shapes.values()) <= 0:
             raise ValueError(f"manipulate.shapes {self.shapes}: give non-negative weights with a positive "
@@ -90,8 +90,6 @@ class ManipulateConfig:
             raise ValueError(f"manipulate: area {self.area} must lie in (0, 1], aspect {self.aspect} and "
                              f"reference_scale {self.reference_scale} must be positive, regions {self.regions} "
                              "must allow at least one")
-        if self.foreground not in FOREGROUNDS:
-            raise ValueError(f"manipulate.foreground {self.foreground!r}: use one of {list(FOREGROUNDS)}")
         if self.mask_dilation < 0:
             raise ValueError(f"manipulate.mask_dilation must be >= 0 pixels, got {self.mask_dilation}")
         for name in ("object_aware", "reference_flip", "merge_weight"):
@@ -339,6 +337,7 @@ def tps(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Gene
 
 Manipulation = Callable[[Maps, Maps, torch.Tensor, np.random.Generator, ManipulateConfig], Maps]
 MANIPULATIONS: dict[str, Manipulation] = {"merge": merge, "remove": remove, "replace": replace, "tps": tps}
+assert tuple(MANIPULATIONS) == MANIPULATION_NAMES
 
 
 def local_anomaly(target: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], manipulation: str,

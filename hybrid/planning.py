@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from hybrid.config import check_keys
+from hybrid.config import check_keys, choice
 from hybrid.data.manifest import matches
 from hybrid.seeds import derive_seed, rng
 
@@ -53,12 +53,13 @@ class PairingConfig:
     """How one kind picks its (reference, target) pairs."""
 
     count: int = 16  # pairs per category (each gives one image per decoder); explicit: every pair
-    pairing: str = "random"  # random | groups | explicit
+    pairing: str = choice(STRATEGIES, "random")  # config `auto` is resolved by hybrid.autoconf first
     match: list[str] = field(default_factory=list)  # random: columns reference and target share
     groups: list[list[dict]] = field(default_factory=list)  # groups: [[filter A, filter B], ...]
     both_directions: bool = True  # groups: B x A as well as A x B
     pairs: list[list[str]] = field(default_factory=list)  # explicit: [[reference_id, target_id], ...]
-    source: str = "select"  # select: generate.select rows, drawn regions | base: base-set defects, their masks
+    # select: generate.select rows, drawn regions | base: base-set defects, their masks (auto: hybrid.autoconf)
+    source: str = choice(SOURCES, "select")
     reference_datasets: list[str] = field(default_factory=list)  # random: references from these datasets
 
     def __post_init__(self) -> None:

@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import check_device, check_keys, resolve_device
 from hybrid.io import atomic_path
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class RegionConfig:
         for key in ("points_per_side", "points_per_batch", "max_candidates", "max_regions", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"anomalyfactory.sam.{key}={getattr(self, key)} must be at least 1")
+        check_device(self.device, "anomalyfactory.sam.device")
         for key in ("nms_thresh", "max_area", "border_touch", "merge_overlap", "min_area", "group_radius"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"anomalyfactory.sam.{key}={getattr(self, key)} must lie in [0, 1]")
@@ -336,7 +337,7 @@ def write_regions(path: str | Path, labels: np.ndarray, sample_ids: Sequence[str
 
 
 def run_sam_regions(index: str | Path, out: str | Path, cfg: RegionConfig | Mapping | None = None,
-                    fallback: bool = False, weights: Mapping[str, str] | None = None, threads: int = 1) -> dict:
+                    fallback: bool = False, paths: Mapping[str, str] | None = None, threads: int = 1) -> dict:
     """Candidate maps of every image in the preprocess shards -> ``out`` (see the module doc).
 
     Without SAM weights: with ``fallback`` a file with ``status: fallback`` (no maps; Flare then draws
@@ -349,7 +350,7 @@ def run_sam_regions(index: str | Path, out: str | Path, cfg: RegionConfig | Mapp
     index = Path(index)
     idx = pd.read_parquet(index)
     settings = json.dumps(asdict(cfg), sort_keys=True)
-    explicit = (weights or {}).get(cfg.model)
+    explicit = (paths or {}).get(cfg.model)
     try:
         source = explicit or (cfg.model if Path(cfg.model).is_dir() else str(store.locate(cfg.model)))
     except (store.MissingWeightsError, KeyError) as e:

@@ -38,7 +38,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,26 +47,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from hybrid.config import check_keys
+from hybrid.checkpoint import (check_pairing, check_same_config, latest_checkpoint, load_checkpoint, load_state,
+                               save_checkpoint, set_rng_state)
+from hybrid.config import check_choices, check_device, check_keys, choice
 from hybrid.augment import PAD_MODES, AugmentConfig, apply_params, augment, sample_params
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import CHANNELS, Generator, copy_matching
+from hybrid.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-UMASK = os.umask(0)
-os.umask(UMASK)
 DEPTH_FIELDS = ("depth", "depth_sensor", "auto")
 LOSS_NAMES = ["G_total", "G_gan", "G_feat", "G_vgg", "G_l1", "G_mask", "D_total", "D_real", "D_fake"]
 CSV_COLUMNS = ["step", "epoch", "lr", *LOSS_NAMES]
 AUGMENT_ON = ("auto", "dataset", "device")
+PERCEPTUAL = ("vgg19", "none")
+PRECISIONS = ("fp32", "bf16")
 # Per-sample keys of augment.sample_params (the others, size and pad_mode, are the batch's).
 _PARAM_KEYS = ("tps", "rtp", "flip_lr", "flip_tb", "tps_src", "tps_dst", "tps_box", "rtp_scale", "rtp_shift")
 
@@ -86,34 +88,29 @@ class TrainConfig:
     lambda_l1: float = 0.0      # optional pixel L1 to the target (not in the papers; helps offline
                                 # demos that train without VGG19 weights)
     lambda_mask: float = 0.0    # optional mean(M) regulariser, off as in the papers
-    perceptual: str = "vgg19"   # "vgg19" or "none"
+    perceptual: str = choice(PERCEPTUAL, "vgg19")
     vgg_path: str | None = None  # explicit torchvision vgg19-dcbb9e9d.pth, else the model store
     ndf: int = 64
     n_layers_D: int = 3
     num_D: int = 2
     shared_geometry: bool = False  # ablation: one augmentation for all target maps (both decoders
                                    # then learn the same image); the paper: one per condition
-    depth: str = "depth"        # shard array feeding the depth maps: depth | depth_sensor | auto
+    depth: str = choice(DEPTH_FIELDS, "depth")  # shard array feeding the depth maps
                                 # (auto: depth_sensor when the shards hold it, else depth)
     seed: int = 0
-    device: str = "auto"        # "auto", "cpu", "cuda"
-    precision: str = "fp32"     # "fp32" or "bf16" (autocast)
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    precision: str = choice(PRECISIONS, "fp32")  # bf16: autocast
     workers: int = 0
     checkpoint_every: int = 1000  # steps
     sample_every: int = 1000
     log_every: int = 50           # steps; also how often the losses are synchronised to the host
-    augment_on: str = "auto"      # auto (device on CUDA, dataset on CPU) | dataset | device
+    augment_on: str = choice(AUGMENT_ON, "auto")  # auto: device on CUDA, dataset on CPU
     compile: bool = False         # torch.compile the generator (falls back to eager if it fails)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        checks = {"perceptual": ("vgg19", "none"), "precision": ("fp32", "bf16"), "depth": DEPTH_FIELDS,
-                  "augment_on": AUGMENT_ON}
-        for key, allowed in checks.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"train config {key}={getattr(self, key)!r}: use one of {list(allowed)}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"train config device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        check_choices(self, "train")
+        check_device(self.device, "train.device")
         for key in ("batch_size", "checkpoint_every", "sample_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train config {key}={getattr(self, key)} must be at least 1")
@@ -131,11 +128,6 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     if epoch < cfg.epochs or cfg.epochs_decay == 0:
         return cfg.lr
     return cfg.lr * max(0.0, (cfg.epochs + cfg.epochs_decay - epoch) / cfg.epochs_decay)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (e.g. seed, epoch, sample index)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def learns_key(decoder: str) -> str:
@@ -305,117 +297,6 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.o
     if not sync:
         return v, out
     return dict(zip(values, v.tolist())), out
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path: Path, G: nn.Module, D: nn.Module, opt_G, opt_D, config: dict, state: dict) -> None:
-    """Write config.json, model.safetensors, discriminator.safetensors, state.pt; rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700: checkpoints follow the umask like every output
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in G.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in D.state_dict().items()}, tmp / "discriminator.safetensors")
-        torch.save({**state, "optimizer_G": opt_G.state_dict(), "optimizer_D": opt_D.state_dict(),
-                    "rng": rng_state()}, tmp / "state.pt")
-        for f in tmp.iterdir():  # safetensors writes 0600
-            os.chmod(f, 0o666 & ~UMASK)
-        publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish(src: Path, dst: Path) -> None:
-    """Rename the finished directory ``src`` onto ``dst`` (an old ``dst`` is moved aside first)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, dst)
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    done = sorted(p for p in Path(work_dir).glob("ckpt-*") if (p / "state.pt").exists())
-    return done[-1] if done else None
-
-
-LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)",
-               "blaze": "Blaze-level (AnomalyFactory BlazeDetector)"}
-
-
-def load_checkpoint(path: str | Path, level: str | None = None, purpose: str = "this use") -> Generator:
-    """The generator of a checkpoint directory, weights from model.safetensors, in eval mode.
-
-    ``level``: the level the caller needs ("rgb" or "depth"); another level fails naming both.
-    """
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
-                                "point at the train stage's checkpoint/ output")
-    G = Generator(**json.loads((path / "config.json").read_text())["model"])
-    if level is not None and G.level != level:
-        raise ValueError(f"{path} holds a {LEVEL_NAMES[G.level]} generator, but {purpose} needs a "
-                         f"{LEVEL_NAMES[level]} one: use results/{'train' if level == 'rgb' else 'train_depth'}"
-                         "/checkpoint")
-    try:
-        G.load_state_dict(load_file(path / "model.safetensors"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no model.safetensors: the checkpoint is incomplete; use a published "
-                                "one (results/train/checkpoint, or the copy in results/train/work/published)") from None
-    except Exception as e:  # safetensors' own error type for a damaged file, or mismatched tensors
-        raise ValueError(f"{path / 'model.safetensors'} cannot be loaded ({e}); the file is damaged or from another "
-                         "model: restore it (results/train/work/published keeps the last published copy) or "
-                         "retrain") from None
-    return G.eval()
-
-
-def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """state.pt of a checkpoint directory (step, epoch, lr, optimizers, RNG states)."""
-    return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
-
-
-def check_same_config(ckpt: Path, saved: dict, wanted: dict, what: str) -> list[str]:
-    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if diff and what == "model":
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in diff)
-        raise ValueError(f"the work checkpoint {ckpt} was trained with a different model config "
-                         f"({detail}); restore that model config or start from an empty work_dir")
-    return diff
-
-
-def check_pairing(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume a run under another pairing (checkpoints from before the per-condition
-    pairing have no ``shared_geometry`` key: they were trained with one shared geometry)."""
-    was = bool(saved.get("shared_geometry", True))
-    if was != cfg.shared_geometry:
-        how = {True: "one augmentation for all target maps", False: "one augmentation per condition"}
-        raise ValueError(f"the work checkpoint {ckpt} was trained with train.shared_geometry={str(was).lower()} "
-                         f"({how[was]}), but the config says train.shared_geometry="
-                         f"{str(cfg.shared_geometry).lower()}; set train.shared_geometry: {str(was).lower()} "
-                         "to finish that run, or start from an empty work folder. Generating from it needs "
-                         "no change.")
 
 
 # ----------------------------------------------------------------------------- logs and samples

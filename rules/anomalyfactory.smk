@@ -4,8 +4,8 @@
 # Each training stage resumes from its work folder (periodic checkpoints outside the outputs, named by
 # the run's settings) like the train stage, and publishes a checkpoint in the project's format.
 
-AF = config.get("anomalyfactory") or {}
-AF_SEMANTIC = float((AF.get("flare") or {}).get("region_mix", 0.0)) > 0  # SAM regions needed
+AF = config["anomalyfactory"]
+AF_SEMANTIC = float(AF["flare"]["region_mix"]) > 0  # SAM regions needed
 AF_OUTPUTS = (
     {
         "boot": "results/anomalyfactory/boot/checkpoint",
@@ -14,12 +14,12 @@ AF_OUTPUTS = (
         "localize": "results/metrics/localize.json",
         "quality": "results/metrics/af_generation.json",
     }
-    if AF.get("enabled", False)
+    if AF["enabled"]
     else {}
 )
 AF_REGIONS = {"regions": "results/anomalyfactory/regions.h5"} if AF_SEMANTIC else {}
-AF_SELECT = config["train"].get("select", {"split": "train", "label": 0})
-AF_PER_DATASET = dict(AF.get("per_dataset") or {})
+AF_SELECT = config["train"]["select"]
+AF_PER_DATASET = dict(AF["per_dataset"])
 AF_TRAIN = {k: v for k, v in config["train"].items() if k != "select"}
 
 
@@ -57,12 +57,12 @@ if AF_OUTPUTS:
         params:
             model=config["model"],  # sizes; decoders [AHE] and conditions [reference_image, target_edge] forced
             train=AF_TRAIN,
-            boot=AF.get("boot") or {},
+            boot=AF["boot"],
             select=AF_SELECT,
             per_dataset=AF_PER_DATASET,
-            seed=AF.get("seed", 0),
+            seed=AF["seed"],
             augment=config["augment"],
-            weights=model_paths(),
+            paths=model_paths(),
             work_root="results/anomalyfactory/boot/work",
             code=code_hash("hybrid.stages.boot"),
         script:
@@ -101,14 +101,14 @@ if AF_OUTPUTS:
             runtime=12 * 60,
         params:
             train=AF_TRAIN,
-            flare=AF.get("flare") or {},
+            flare=AF["flare"],
             augment=config["augment"],
             manipulate=config["generate"]["manipulate"],  # region shapes and sizes of the stochastic regions
-            sam=AF.get("sam") or {},
+            sam=AF["sam"],
             select=AF_SELECT,
             per_dataset=AF_PER_DATASET,
-            seed=AF.get("seed", 0),
-            weights=model_paths(),
+            seed=AF["seed"],
+            paths=model_paths(),
             work_root="results/anomalyfactory/flare/work",
             code=code_hash("hybrid.stages.flare"),
         script:
@@ -147,15 +147,15 @@ if AF_OUTPUTS:
             runtime=12 * 60,
         params:
             train=AF_TRAIN,
-            blaze=AF.get("blaze") or {},
-            flare=AF.get("flare") or {},
+            blaze=AF["blaze"],
+            flare=AF["flare"],
             augment=config["augment"],
             manipulate=config["generate"]["manipulate"],
-            sam=AF.get("sam") or {},
+            sam=AF["sam"],
             select=AF_SELECT,
             per_dataset=AF_PER_DATASET,
-            seed=AF.get("seed", 0),
-            weights=model_paths(),
+            seed=AF["seed"],
+            paths=model_paths(),
             work_root="results/anomalyfactory/blaze/work",
             code=code_hash("hybrid.stages.blaze"),
         script:
@@ -202,11 +202,11 @@ if AF_OUTPUTS:
             mem_mb=16000,
             runtime=2 * 60,
         params:
-            localize=AF.get("localize") or {},
-            quality=AF.get("quality") or {},
-            flare=AF.get("flare") or {},
+            localize=AF["localize"],
+            quality=AF["quality"],
+            flare=AF["flare"],
             manipulate=config["generate"]["manipulate"],
-            sam=AF.get("sam") or {},
+            sam=AF["sam"],
             evaluate=config["evaluate"],  # the IS / cluster LPIPS networks and settings of Tables 1-2
             code=code_hash("hybrid.stages.localize"),
         script:
@@ -231,9 +231,9 @@ if AF_OUTPUTS and AF_REGIONS:
             mem_mb=16000,
             runtime=4 * 60,
         params:
-            sam=AF.get("sam") or {},
-            fallback=(AF.get("flare") or {}).get("semantic_fallback", False),
-            weights=model_paths(),
+            sam=AF["sam"],
+            fallback=AF["flare"]["semantic_fallback"],
+            paths=model_paths(),
             code=code_hash("hybrid.regions"),
         script:
             "../workflow/scripts/sam_regions.py"

@@ -33,7 +33,7 @@ if CLASSIFY_OUTPUTS:
         params:
             # reference_csv reaches the rule as an input; the rest is the stage's own section.
             classify={k: v for k, v in config["classify"].items() if k != "reference_csv"},
-            weights=model_paths(),
-            code=code_hash("hybrid.classify_stage"),
+            paths=model_paths(),
+            code=code_hash("hybrid.stages.classify"),
         script:
             "../workflow/scripts/classify.py"

@@ -39,10 +39,10 @@ if CLASSIFY_DEFECTS_OUTPUTS:
         resources:
             mem_mb=16000,
             runtime=240,
-            gpu=0 if config["classify_defects"].get("device", "auto") == "cpu" else 1,
+            gpu=0 if config["classify_defects"]["device"] == "cpu" else 1,
         params:
             classify_defects=config["classify_defects"],
-            weights=model_paths(),
+            paths=model_paths(),
             code=code_hash("hybrid.stages.classify_defects"),
         script:
             "../workflow/scripts/classify_defects.py"

@@ -113,7 +113,7 @@ def texture_input():
 def stage_enabled(section):
     """A stage's `enabled`: true / false as given; auto (the default) = on when every dataset layout
     is an industrial one."""
-    value = (config.get(section) or {}).get("enabled", "auto")
+    value = config[section]["enabled"]  # the schema requires it
     if value == "auto":
         return all_industrial(config)
     return bool(value)
@@ -174,13 +174,13 @@ def classify_reference():
     """The reference CSV to score against: classify.reference_csv, else the dataset's reference
     CSV for classify.split (the demo's ref_test.csv); None for layouts without one (in a dataset list:
     the one butterfly dataset's; none when there are several)."""
-    section = config.get("classify") or {}
+    section = config["classify"]
     if section.get("reference_csv"):
         return section["reference_csv"]
     butterflies = [e for e in dataset_entries(config) if e["layout"] in ("demo", "heliconius")]
     if len(butterflies) != 1:
         return None
-    return (reader_options(butterflies[0]).get("reference_csvs") or {}).get(section.get("split", "test"))
+    return (reader_options(butterflies[0]).get("reference_csvs") or {}).get(section["split"])
 
 
 CLASSIFY_OUTPUTS = (
@@ -228,25 +228,23 @@ def needed_weights():
         names.append(pre["edge_model"])
     if pre["depth_source"].startswith("depth_anything"):
         names.append(pre["depth_source"])
-    if config["train"].get("perceptual", "vgg19") == "vgg19":
+    # Every key read here is required by the schema (tests/test_config_truth.py): no default repeated.
+    if config["train"]["perceptual"] == "vgg19":
         names.append("vgg19")
     ev = config["evaluate"]
-    if ev.get("weights", "auto") != "random":
-        net = ev.get("lpips_net", "vgg")
+    if ev["weights"] != "random":
+        net = ev["lpips_net"]
         names += ["inception_is", {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}[net], f"lpips_{net}"]
     cl = config["classify"]
-    if (
-        CLASSIFY_OUTPUTS
-        and cl.get("weights", "auto") != "random"
-        and cl.get("model", "dinov2_base").startswith("dinov2_")
-    ):
-        names.append(cl.get("model", "dinov2_base"))
-    fs, cd = config["fewshot"], config["classify_defects"]
-    if FEWSHOT_OUTPUTS and fs.get("weights", "auto") != "random":
-        names.append(fs.get("backbone", "resnet18"))
-    if CLASSIFY_DEFECTS_OUTPUTS and cd.get("weights", "auto") != "random":
-        names.append(cd.get("arch", "resnet34"))
-    sam = (config["anomalyfactory"].get("sam") or {}).get("model", "sam_vit_base")
+    if CLASSIFY_OUTPUTS and cl["weights"] != "random" and cl["model"].startswith("dinov2_"):
+        names.append(cl["model"])
+    fs = config["fewshot"]
+    if FEWSHOT_OUTPUTS and fs["weights"] != "random":
+        names.append(fs["backbone"])
+    cd = config["classify_defects"]
+    if CLASSIFY_DEFECTS_OUTPUTS and cd["weights"] != "random":
+        names.append(cd["arch"])
+    sam = config["anomalyfactory"]["sam"]["model"]
     if AF_OUTPUTS and AF_SEMANTIC and not Path(sam).is_dir():  # rules/anomalyfactory.smk
         names.append(sam)
     names += config["models"].get("fetch") or []

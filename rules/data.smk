@@ -31,7 +31,7 @@ rule demo_industrial:
     conda:
         "../envs/hybrid.yaml"
     params:
-        demo=config["demo"].get("industrial") or {},
+        demo=config["demo"]["industrial"],
         out_dir=lambda wildcards, output: str(Path(output.meta).parent),
         code=code_hash("hybrid.data.demo_industrial"),
     script:
@@ -50,8 +50,8 @@ rule ingest:
         "../envs/hybrid.yaml"
     params:
         datasets=ingest_datasets(),
-        missing=config["ingest"].get("missing", "error"),
-        protocol=config["ingest"].get("protocol") or {},
+        missing=config["ingest"]["missing"],
+        protocol=config["ingest"]["protocol"],
         code=code_hash("hybrid.ingest"),
     script:
         "../workflow/scripts/ingest.py"

@@ -26,7 +26,7 @@ rule evaluate:
         runtime=120,
     params:
         evaluate=config["evaluate"],
-        weights=model_paths(),
-        code=code_hash("hybrid.evaluate"),
+        paths=model_paths(),
+        code=code_hash("hybrid.stages.evaluate"),
     script:
         "../workflow/scripts/evaluate.py"

@@ -22,7 +22,7 @@ if FEWSHOT_OUTPUTS:
             # asked for (generated_per_shot or max_generated 0): PatchCore rows only, no generator.
             checkpoint=(
                 "results/train/checkpoint"
-                if config["fewshot"].get("generated_per_shot", 4) and config["fewshot"].get("max_generated", 256)
+                if config["fewshot"]["generated_per_shot"] and config["fewshot"]["max_generated"]
                 else []
             ),
         output:
@@ -43,10 +43,10 @@ if FEWSHOT_OUTPUTS:
         resources:
             mem_mb=16000,
             runtime=240,
-            gpu=0 if config["fewshot"].get("device", "auto") == "cpu" else 1,
+            gpu=0 if config["fewshot"]["device"] == "cpu" else 1,
         params:
             fewshot=config["fewshot"],
-            weights=model_paths(),
+            paths=model_paths(),
             code=code_hash("hybrid.stages.fewshot"),
         script:
             "../workflow/scripts/fewshot.py"

@@ -4,7 +4,7 @@
 # contiguous range of the shards (a failed one reruns alone), then the generate rule gathers them
 # into the manifest and the contact sheets, exactly as the single job (K = 1) writes them.
 
-GENERATE_CHUNKS = int(config["generate"].get("chunks", 1))
+GENERATE_CHUNKS = int(config["generate"]["chunks"])
 GENERATE_INPUTS = {
     "index": "results/shards/index.parquet",
     "manifest": "results/manifest.parquet",
@@ -29,13 +29,13 @@ if GENERATE_CHUNKS == 1:
             "results/benchmarks/generate.tsv"
         conda:
             "../envs/hybrid.yaml"
-        threads: max(1, config["generate"].get("workers", 0))
+        threads: max(1, config["generate"]["workers"])
         resources:
             mem_mb=16000,
             runtime=240,
         params:
             generate=config["generate"],
-            code=code_hash("hybrid.generate"),
+            code=code_hash("hybrid.stages.generate"),
         script:
             "../workflow/scripts/generate.py"
 
@@ -55,13 +55,13 @@ else:
             chunk=r"\d+",
         conda:
             "../envs/hybrid.yaml"
-        threads: max(1, config["generate"].get("workers", 0))
+        threads: max(1, config["generate"]["workers"])
         resources:
             mem_mb=16000,
             runtime=240,
         params:
             generate=config["generate"],
-            code=code_hash("hybrid.generate"),
+            code=code_hash("hybrid.stages.generate"),
         script:
             "../workflow/scripts/generate_chunk.py"
 
@@ -84,6 +84,6 @@ else:
             runtime=60,
         params:
             generate=config["generate"],
-            code=code_hash("hybrid.generate"),
+            code=code_hash("hybrid.stages.generate"),
         script:
             "../workflow/scripts/generate_gather.py"

@@ -3,7 +3,7 @@
 # the shards (a failed one reruns alone), then the preprocess rule gathers them into the index,
 # exactly as the single job (K = 1) writes it.
 
-PREPROCESS_CHUNKS = int(config["preprocess"].get("chunks", 1))
+PREPROCESS_CHUNKS = int(config["preprocess"]["chunks"])
 
 if PREPROCESS_CHUNKS == 1:
 
@@ -20,15 +20,15 @@ if PREPROCESS_CHUNKS == 1:
             "results/benchmarks/preprocess.tsv"
         conda:
             "../envs/hybrid.yaml"
-        threads: max(1, config["preprocess"].get("workers", 2))
+        threads: max(1, config["preprocess"]["workers"])
         resources:
             mem_mb=8000,
             runtime=240,
         params:
             preprocess=config["preprocess"],
-            weights=model_paths(),
+            paths=model_paths(),
             auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
-            code=code_hash("hybrid.preprocess"),
+            code=code_hash("hybrid.stages.preprocess"),
         script:
             "../workflow/scripts/preprocess.py"
 
@@ -48,15 +48,15 @@ else:
             chunk=r"\d+",
         conda:
             "../envs/hybrid.yaml"
-        threads: max(1, config["preprocess"].get("workers", 2))
+        threads: max(1, config["preprocess"]["workers"])
         resources:
             mem_mb=8000,
             runtime=240,
         params:
             preprocess=config["preprocess"],
-            weights=model_paths(),
+            paths=model_paths(),
             auto=[n for n in AUTO_NOTES if n.startswith("preprocess.")],
-            code=code_hash("hybrid.preprocess"),
+            code=code_hash("hybrid.stages.preprocess"),
         script:
             "../workflow/scripts/preprocess_chunk.py"
 
@@ -79,7 +79,7 @@ else:
             runtime=30,
         params:
             preprocess=config["preprocess"],
-            weights=model_paths(),
-            code=code_hash("hybrid.preprocess"),
+            paths=model_paths(),
+            code=code_hash("hybrid.stages.preprocess"),
         script:
             "../workflow/scripts/preprocess_gather.py"

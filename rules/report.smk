@@ -16,6 +16,6 @@ rule report:
     params:
         config=config,
         auto=AUTO_NOTES,
-        code=code_hash("hybrid.report"),
+        code=code_hash("hybrid.stages.report"),
     script:
         "../workflow/scripts/report.py"

@@ -13,7 +13,7 @@ SEGMENT_OUTPUTS = (
     if stage_enabled("segment")
     else {}
 )
-EXPORT_OUTPUTS = ["results/export"] if (config.get("export") or {}).get("enabled") else []
+EXPORT_OUTPUTS = ["results/export"] if config["export"]["enabled"] else []
 
 
 if SEGMENT_OUTPUTS:
@@ -50,7 +50,7 @@ if SEGMENT_OUTPUTS:
         resources:
             mem_mb=16000,
             runtime=12 * 60,
-            gpu=0 if config["segment"].get("device", "auto") == "cpu" else 1,
+            gpu=0 if config["segment"]["device"] == "cpu" else 1,
         params:
             segment={k: v for k, v in config["segment"].items() if k != "enabled"},
             # Periodic checkpoints and finished models live here, outside the outputs Snakemake
@@ -77,7 +77,7 @@ rule export:
         mem_mb=4000,
         runtime=60,
     params:
-        export={k: v for k, v in (config.get("export") or {}).items() if k != "enabled"},
+        export={k: v for k, v in config["export"].items() if k != "enabled"},
         code=code_hash("hybrid.stages.export"),
     script:
         "../workflow/scripts/export.py"

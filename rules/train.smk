@@ -33,13 +33,13 @@ rule train:
     params:
         model=config["model"],
         train={k: v for k, v in config["train"].items() if k != "select"},
-        select=config["train"].get("select", {"split": "train", "label": 0}),
+        select=config["train"]["select"],
         augment=config["augment"],
-        weights=model_paths(),
+        paths=model_paths(),
         # Periodic checkpoints live here, outside the outputs Snakemake deletes when a job fails,
         # in a folder named by the run's settings: a killed job resumes, a changed one starts over.
         work_root="results/train/work",
-        code=code_hash("hybrid.train_stage"),
+        code=code_hash("hybrid.stages.train"),
     script:
         "../workflow/scripts/train.py"
 
@@ -84,10 +84,10 @@ rule train_depth:
             **{k: v for k, v in config["train"].items() if k != "select"},
             **{k: v for k, v in config["train_depth"].items() if k != "enabled"},
         },
-        select=config["train"].get("select", {"split": "train", "label": 0}),
+        select=config["train"]["select"],
         augment=config["augment"],
-        weights=model_paths(),
+        paths=model_paths(),
         work_root="results/train_depth/work",
-        code=code_hash("hybrid.train_stage"),
+        code=code_hash("hybrid.stages.train"),
     script:
         "../workflow/scripts/train.py"

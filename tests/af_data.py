@@ -19,7 +19,7 @@ from hybrid.io import write_parquet_atomic
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
 from hybrid.stages.boot import BLAZE_MODEL, BOOT_MODEL
-from hybrid.train import save_checkpoint
+from hybrid.checkpoint import save_checkpoint
 
 SIZE = 32
 TINY = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}

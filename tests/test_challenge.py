@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hybrid.cli import add_score_cli as add_cli
 from hybrid.metrics.challenge import (
     PredictionsError,
-    add_cli,
     challenge_scores,
     read_predictions,
     read_reference,

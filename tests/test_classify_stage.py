@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hybrid.classify_stage import ClassifyStageConfig, match_reference, run_classify_stage
+from hybrid.stages.classify import ClassifyStageConfig, match_reference
+from hybrid.stages.classify import run as run_classify_stage
 from hybrid.metrics.challenge import read_predictions, score_files
 from hybrid.models.store import MissingWeightsError
 from tests.stage_data import make_generated, make_real

@@ -29,7 +29,8 @@ from torch import nn
 
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
-from hybrid.train import load_checkpoint, train
+from hybrid.checkpoint import load_checkpoint
+from hybrid.train import train
 from tests.test_train import AUG, MODEL, Blobs, rows, train_cfg
 
 # Measured on the CPU: the largest difference of the compared tensors after 4 steps is 7e-8 (fp32

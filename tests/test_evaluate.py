@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hybrid.evaluate import EvaluateConfig, evaluate, lpips_network, random_inception, seeded_init
+from hybrid.stages.evaluate import EvaluateConfig, lpips_network, random_inception, seeded_init
+from hybrid.stages.evaluate import run as evaluate
 from hybrid.models.store import MissingWeightsError
 from tests.conftest import shared_path
 from tests.stage_data import make_generated, make_real
@@ -30,7 +31,7 @@ def test_scores_per_category_and_decoder_with_stand_ins_recorded(tmp_path, model
     real = make_real(tmp_path)
     gen = make_generated(tmp_path, per_decoder={"erato": 3, "melpomene": 1})
     out = tmp_path / "results" / "metrics"
-    with caplog.at_level(logging.WARNING, logger="hybrid.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="hybrid.stages.evaluate"):
         result = evaluate(gen, gen.parent, real["manifest"], real["index"], out, {"weights": "auto", **TINY})
 
     table = pd.read_parquet(out / "evaluate.parquet")

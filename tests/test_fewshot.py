@@ -120,7 +120,8 @@ def test_config_errors():
 
 
 def test_report_table_in_the_seed_readme_layout_beside_the_published_numbers(toy, tmp_path):
-    from hybrid.report import build_report, fewshot_table
+    from hybrid.stages.report import fewshot_table
+    from hybrid.stages.report import run as build_report
     from hybrid.stages.baselines import BaselinesConfig
     from hybrid.stages.baselines import run as run_baselines
 

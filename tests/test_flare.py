@@ -14,8 +14,10 @@ from hybrid.manipulate import ManipulateConfig
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
 from hybrid.stages.boot import BOOT_MODEL, subsample_per_dataset
-from hybrid.stages.flare import FlareConfig, ManipulatedPairs, af_step, flare_targets, run_flare, training_set
-from hybrid.train import TrainConfig, load_checkpoint, load_state
+from hybrid.stages.flare import FlareConfig, ManipulatedPairs, af_step, flare_targets, training_set
+from hybrid.stages.flare import run as run_flare
+from hybrid.checkpoint import load_checkpoint, load_state
+from hybrid.train import TrainConfig
 from tests.af_data import AUGMENT, MANIPULATE, TRAIN, make_results, save_af_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,12 +199,18 @@ def test_semantic_regions_without_sam_output_fail_or_fall_back(tmp_path):
     assert (pd.read_csv(work / "losses.csv")["semantic"] == 0).all()  # stochastic regions only
 
 
-def test_per_dataset_draw_is_balanced_seeded_and_checked():
-    rows = pd.DataFrame({"sample_id": [f"s{i}" for i in range(30)], "dataset": ["a"] * 20 + ["b"] * 10})
-    one = subsample_per_dataset(rows, {"a": 5}, seed=0)
-    assert (one["dataset"] == "a").sum() == 5 and (one["dataset"] == "b").sum() == 10
+def test_per_dataset_draw_is_balanced_per_category_seeded_and_checked(caplog):
+    # dataset a: categories x (12 images) and y (3); dataset b: one category of 10
+    rows = pd.DataFrame({"sample_id": [f"s{i}" for i in range(25)], "dataset": ["a"] * 15 + ["b"] * 10,
+                         "category": ["x"] * 12 + ["y"] * 3 + ["z"] * 10})
+    with caplog.at_level("INFO"):
+        one = subsample_per_dataset(rows, {"a": 5}, seed=0)  # 5 per category, as the paper's "200x12 from VisA"
+    assert one.groupby("category").size().to_dict() == {"x": 5, "y": 3, "z": 10}  # y has fewer: all of it
+    assert "a / y has 3 images, fewer than 5: all of them" in caplog.text
     assert one.equals(subsample_per_dataset(rows, {"a": 5}, seed=0))
     assert not one.equals(subsample_per_dataset(rows, {"a": 5}, seed=1))
+    assert subsample_per_dataset(rows, {"a": 2, "b": 4}, 0).groupby("category").size().to_dict() == {
+        "x": 2, "y": 2, "z": 4}
     assert subsample_per_dataset(rows, {}, 0).equals(rows)
     with pytest.raises(ValueError, match="'c'"):
         subsample_per_dataset(rows, {"c": 2}, 0)
@@ -219,7 +227,7 @@ def test_flare_config_checks_names_the_key():
 def test_boot_is_the_train_stage_with_the_af_model_and_the_per_dataset_draw(tmp_path):
     import json
 
-    from hybrid.stages.boot import run_boot
+    from hybrid.stages.boot import run as run_boot
 
     data = make_results(tmp_path)
     ah_model = {"level": "rgb", "conditions": ["reference_image", "target_depth", "target_edge"],

@@ -10,22 +10,15 @@ from scipy import ndimage
 
 from hybrid.data.manifest import make_manifest
 from hybrid.data.shards import build_index, write_shard
-from hybrid.generate import (
-    MANIFEST_COLUMNS,
-    GenerateConfig,
-    PairingConfig,
-    Samples,
-    add_cli,
-    generate,
-    generate_batch,
-    load_generator,
-    pair_samples,
-    plan_jobs,
-)
+from hybrid.checkpoint import save_checkpoint
+from hybrid.cli import add_generate_cli as add_cli
+from hybrid.pipeline import generate_batch, load_generator
+from hybrid.planning import PairingConfig, pair_samples, plan_jobs
+from hybrid.stages.generate import MANIFEST_COLUMNS, GenerateConfig, Samples
+from hybrid.stages.generate import run as generate
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
-from hybrid.train import save_checkpoint
 
 S = 32
 TINY = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}
@@ -391,7 +384,7 @@ def test_feature_noise_is_drawn_from_the_pair_seed(tmp_path):
     assert np.abs(a.astype(int) - plain.astype(int)).mean() > 0.5  # the noise changes the outputs
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 0.5  # another seed, other noise (and pairs)
     G = load_generator(ckpt, torch.device("cpu"))
-    from hybrid.generate import feature_noise
+    from hybrid.pipeline import feature_noise
 
     n1, n2 = feature_noise(G, 5, 0.5, S, S), feature_noise(G, 6, 0.5, S, S)
     assert n1.shape == G.feature_shape(S, S) and torch.equal(n1, feature_noise(G, 5, 0.5, S, S))

@@ -18,16 +18,10 @@ import pytest
 import torch
 
 from hybrid.data.shards import read_attrs, shard_name, to_unit, write_shard
-from hybrid.generate import (
-    _STRINGS,
-    PairConditions,
-    Samples,
-    add_depth_level,
-    generate,
-    load_generator,
-    plan_jobs,
-    run_generator,
-)
+from hybrid.pipeline import add_depth_level, load_generator, run_generator
+from hybrid.planning import plan_jobs
+from hybrid.stages.generate import _STRINGS, PairConditions, Samples
+from hybrid.stages.generate import run as generate
 from hybrid.models.generator import Generator
 from tests.test_generate import TINY, make_dataset, save_tiny_checkpoint, small_cfg
 
@@ -84,7 +78,7 @@ def reference_shards(out: Path, checkpoint: Path, index: Path, manifest: pd.Data
 
 
 def _plain_write_chunk(path, jobs, G, samples, cfg, attrs, G_star) -> None:
-    """hybrid.generate._write_chunk as it was before the fast path (the reference)."""
+    """hybrid.stages.generate's shard writer as it was before the fast path (the reference)."""
     arrays = {k: [] for k in ("image", "mask", "region", "edge", "depth", "depth_generated", "edge_generated")}
     strings = {k: [] for k in _STRINGS}
     loader = torch.utils.data.DataLoader(PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise),

@@ -314,3 +314,85 @@ def test_reference_datasets_are_checked_against_the_dataset_list_before_any_job(
     assert "generate.global.reference_datasets names ['mvtec_lcoo'], which are not datasets" in str(err.value)
     assert "generate.local.reference_datasets needs pairing: random and source: select" in str(err.value)
     assert schema_errors(cfg, SCHEMA, "schema.yaml") == []
+
+
+# ---------------------------------------------------------------- Tables 1-2: per dataset and reference source
+
+
+def test_generation_quality_per_dataset_and_reference_source_boot_vs_flare(tmp_path, one_thread):
+    from hybrid.stages.localize import Inputs, LocalizeConfig, Outputs, run
+    from hybrid.stages.report import anomalyfactory_section
+    from tests.af_data import MANIPULATE, make_results, save_af_checkpoint
+
+    data = make_results(tmp_path)  # two datasets: toy_a (category disc), toy_b (ring)
+    ckpt = {s: save_af_checkpoint(tmp_path / s, s, seed=k) for k, s in enumerate(("boot", "flare", "blaze"))}
+    out = tmp_path / "out"
+    outputs = Outputs(out / "l.json", out / "l.parquet", out / "strips", out / "q.json", out / "q.parquet")
+    inputs = Inputs(data["manifest"], data["index"], ckpt["boot"], ckpt["flare"], ckpt["blaze"])
+    cfg = LocalizeConfig.from_dict({"device": "cpu", "strip_images": 0},
+                                   {"count": 2, "strategies": ["stochastic", "mixed"], "references": ["self", "toy_b"]})
+    evaluate = {"weights": "random", "device": "cpu", "n_centres": 2, "batch_size": 8}
+    res = run(inputs, outputs, cfg, flare_cfg={"region_mix": 0.0}, manipulate_cfg=MANIPULATE, evaluate_cfg=evaluate)
+    q = json.loads(outputs.quality_json.read_text())
+    assert q["references"] == ["self", "toy_b"]
+    rows = pd.DataFrame(q["rows"])
+    cats = rows[rows["category"] != "(mean)"]
+    assert set(zip(cats["dataset"], cats["category"])) == {("toy_a", "disc"), ("toy_b", "ring")}
+    stochastic = cats[cats["strategy"] == "stochastic"]
+    assert len(stochastic) == 2 * 2 * 2 and (stochastic["n_images"] == 2).all()  # datasets x references x generators
+    mixed = cats[cats["strategy"] == "mixed"]  # no SAM maps: NaN with the reason, for every reference source
+    assert mixed["is_mean"].isna().all() and set(mixed["reference"]) == {"self", "toy_b"}
+    # the same edited edges with other references give other images: another cluster LPIPS
+    disc = stochastic[(stochastic["category"] == "disc") & (stochastic["generator"] == "flare")].set_index("reference")
+    assert disc["lpips"].fillna(-1).loc["self"] != disc["lpips"].fillna(-1).loc["toy_b"]
+    means = rows[rows["category"] == "(mean)"]
+    assert set(means["dataset"]) == {"toy_a", "toy_b", "(all)"}  # Table 2's rows, then the mean over all
+    assert set(zip(means["reference"], means["generator"])) == {(r, g) for r in ("self", "toy_b")
+                                                                for g in ("boot", "flare")}
+    html = anomalyfactory_section(res)
+    assert "the layout of paper 002 Table 2" in html and "toy_b · flare" in html and "self · boot" in html
+    assert "toy_a / disc" in html  # Table 1's rows name the dataset when there are several
+
+    bad = LocalizeConfig.from_dict({"device": "cpu", "strip_images": 0}, {"count": 2, "references": ["loco"]})
+    with pytest.raises(ValueError, match=r"quality.references names \['loco'\]"):
+        run(inputs, outputs, bad, flare_cfg={"region_mix": 0.0}, manipulate_cfg=MANIPULATE, evaluate_cfg=evaluate)
+    with pytest.raises(ValueError, match="distinct sources"):
+        LocalizeConfig.from_dict({}, {"references": []})
+
+
+def test_af_dataset_names_are_checked_before_any_job(model_dir):
+    from hybrid.autoconf import check_config
+
+    cfg = default_config([entry("visa"), entry("realiad")])
+    cfg["anomalyfactory"].update(enabled=True, per_dataset={"visa": 200, "realiad": 400},
+                                 quality={"count": 4, "references": ["self", "visa"]})
+    check_config(resolve_auto(cfg)[0])
+    assert schema_errors(cfg, SCHEMA, "schema.yaml") == []
+    cfg["anomalyfactory"].update(per_dataset={"VisA": 200}, quality={"references": ["self", "mvtec_loco"]})
+    with pytest.raises(ConfigError) as err:
+        check_config(resolve_auto(cfg)[0])
+    assert "anomalyfactory.per_dataset names ['VisA']" in str(err.value)
+    assert "anomalyfactory.quality.references names ['mvtec_loco']" in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_datasets_run_to_generation_with_cross_dataset_references(tmp_path, model_dir):
+    """ingest -> preprocess -> train -> generate on mvtec_ad + madsim trees at 40 px (about 2 minutes on
+    2 cores): one model, one manifest, normal pairs with MAD-Sim references for MVTec AD targets."""
+    from tests.test_default_config import INDUSTRIAL_TINY, mvtec_ad
+    from tests.workflow_helpers import snakemake, write_config
+
+    rng = np.random.default_rng(0)
+    datasets = [{"layout": "mvtec_ad", "options": mvtec_ad(tmp_path / "mvtec", rng)},
+                {"layout": "madsim", "options": mvtec_ad(tmp_path / "madsim", rng)}]  # the same tree layout
+    write_config(tmp_path, {**INDUSTRIAL_TINY, "dataset": datasets,
+                            "generate": {**INDUSTRIAL_TINY["generate"], "kinds": ["local", "normal"],
+                                         "normal": {"count": 3, "reference_datasets": ["madsim"]}}})
+    snakemake(tmp_path, "--cores", "2", "results/generated/manifest.parquet")
+    man = pd.read_parquet(tmp_path / "results/manifest.parquet")
+    assert set(man["dataset"]) == {"mvtec_ad", "madsim"} and man["sample_id"].is_unique
+    gen = pd.read_parquet(tmp_path / "results/generated/manifest.parquet")
+    normal = gen[gen["kind"] == "normal"]
+    assert len(normal) and normal["reference_id"].str.startswith("madsim/").all()
+    local = gen[gen["kind"] == "local"]  # base-set pairs of each dataset's own defect types
+    assert set(local["target_id"].str.split("/").str[0]) == {"mvtec_ad", "madsim"}

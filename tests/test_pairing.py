@@ -8,7 +8,8 @@ from torch.utils.data import Dataset
 
 from hybrid.augment import AugmentConfig
 from hybrid.models.generator import ROLES, Generator
-from hybrid.train import PairDataset, draw_plan, load_checkpoint, train
+from hybrid.checkpoint import load_checkpoint
+from hybrid.train import PairDataset, draw_plan, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}

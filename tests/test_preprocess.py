@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import hybrid.preprocess as pp
+import hybrid.stages.preprocess as pp
 from hybrid.data.images import ImageError
 from hybrid.data.manifest import make_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import OutputError
-from hybrid.preprocess import PreprocessConfig, preprocess
+from hybrid.stages.preprocess import PreprocessConfig
+from hybrid.stages.preprocess import run as preprocess
 
 
 def _manifest(tmp_path, n=7, bad=()):
@@ -122,7 +123,7 @@ def test_a_mask_of_another_size_is_stretched_with_a_warning_or_fails_as_configur
         m[: size[1] // 2] = 255
         cv2.imwrite(str(tmp_path / f"m{i}.png"), m)
     man["mask_path"] = pd.array([str(tmp_path / "m0.png"), str(tmp_path / "m1.png")], dtype="string")
-    with caplog.at_level("WARNING", logger="hybrid.preprocess"):
+    with caplog.at_level("WARNING", logger="hybrid.stages.preprocess"):
         preprocess(man, tmp_path / "out", _cfg())
     assert "m1.png is 15x10 but its image is 30x20; stretched onto the image" in caplog.text
     assert "m0.png" not in caplog.text

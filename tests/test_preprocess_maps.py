@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import hybrid.preprocess as pp
+import hybrid.stages.preprocess as pp
 from hybrid.data.images import fit, read_capped
 from hybrid.data.manifest import make_manifest
 from hybrid.data.readers import read_dataset
 from hybrid.data.shards import ShardDataset, to_unit
 from hybrid.data.xyz import write_xyz
 from hybrid.models.depth import sensor_nearness, to_uint16
-from hybrid.preprocess import PreprocessConfig, fingerprint, preprocess
+from hybrid.stages.preprocess import PreprocessConfig, fingerprint
+from hybrid.stages.preprocess import run as preprocess
 from tests.tiny_models import save_random_pidinet, save_tiny_depth_anything
 
 
@@ -133,15 +134,15 @@ def tiny_weights(tmp_path_factory):
 def test_size_buckets_give_the_maps_of_one_by_one(tmp_path, tiny_weights, monkeypatch):
     m = _folder_manifest(_mixed_sizes(tmp_path))
     batches = []
-    real = pp._Maps.at_original
+    real = pp.MapComputer.at_original
 
-    def spy(self, images):
+    def spy(self, images, *args):
         batches.append(images.shape[:3])
-        return real(self, images)
+        return real(self, images, *args)
 
-    monkeypatch.setattr(pp._Maps, "at_original", spy)
+    monkeypatch.setattr(pp.MapComputer, "at_original", spy)
     cfg = dict(maps_at="original", edge_model="pidinet_tiny", depth_source="depth_anything_small",
-               weights=tiny_weights)
+               paths=tiny_weights)
     cfg["shard_size"] = 6  # a shard's end runs what waits; 6 lets four 48x64 images meet
     preprocess(m, tmp_path / "one", _cfg(batch_size=1, **cfg))
     assert len(batches) == len(m) and all(b[0] == 1 for b in batches)
@@ -167,7 +168,7 @@ def test_original_equals_working_when_the_images_are_already_working_size(tmp_pa
         paths.append(tmp_path / f"{i}.png")
         cv2.imwrite(str(paths[-1]), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     m = _folder_manifest(paths)
-    cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", weights=tiny_weights)
+    cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights)
     preprocess(m, tmp_path / "w", _cfg(**cfg))
     preprocess(m, tmp_path / "o", _cfg(maps_at="original", **cfg))
     work, orig = _shards(tmp_path / "w"), _shards(tmp_path / "o")
@@ -246,7 +247,7 @@ def test_sensor_depth_is_stored_beside_the_depth_source(tmp_path, how):
 def test_pseudo_and_sensor_depth_together(tmp_path, tiny_weights):
     m = _mvtec_3d(tmp_path / "m3d")
     out = tmp_path / "out"
-    preprocess(m, out, _cfg(depth_source="depth_anything_small", weights=tiny_weights, maps_at="original"))
+    preprocess(m, out, _cfg(depth_source="depth_anything_small", paths=tiny_weights, maps_at="original"))
     arrays = _shards(out)
     assert set(arrays) == {"image", "edge", "depth", "depth_sensor"}
     np.testing.assert_array_equal(arrays["depth_sensor"],

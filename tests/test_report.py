@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 
 import yaml
 
-from hybrid.classify_stage import RESULT_COLUMNS
-from hybrid.evaluate import COLUMNS as EVALUATE_COLUMNS
-from hybrid.report import build_report
+from hybrid.stages.classify import RESULT_COLUMNS
+from hybrid.stages.evaluate import COLUMNS as EVALUATE_COLUMNS
+from hybrid.stages.report import run as build_report
 from tests.stage_data import REPO_CONFIG, make_generated, make_losses, make_real
 
 STAND_IN = "random stand-in (numbers not comparable to papers)"

@@ -211,7 +211,8 @@ def test_stage_writes_rows_models_strips_and_lists_skips(stage_run):
 
 
 def test_report_section_tables_published_means_strips_and_skips(stage_run, tmp_path):
-    from hybrid.report import PAPER_SEGMENT_MEANS, build_report
+    from hybrid.stages.report import PAPER_SEGMENT_MEANS
+    from hybrid.stages.report import run as build_report
     from tests.test_report import Page
 
     root, inputs, out, res = stage_run

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hybrid.cli import add_models_cli
 from hybrid.models import store
 from hybrid.models.store import ChecksumError, MissingWeightsError, WeightSpec
 from tests.conftest import model_path
@@ -128,7 +129,7 @@ def test_status_present_and_missing(model_dir):
 
 def test_cli_list_and_fetch(model_dir, capsys):
     parser = argparse.ArgumentParser(prog="hybrid")
-    store.add_cli(parser.add_subparsers(dest="command"))
+    add_models_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["models", "list"])
     assert args.func(args) == 0
     assert "lpips_vgg" in capsys.readouterr().out

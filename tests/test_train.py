@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from hybrid.models.vgg import VGGFeatures
-from hybrid.train import TrainConfig, load_checkpoint, load_state, lr_at, train
+from hybrid.checkpoint import load_checkpoint, load_state
+from hybrid.train import TrainConfig, lr_at, train
 
 MODEL = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}
 AUG = {"tps_prob": 0.5, "rtp_prob": 0.5}  # real augmentations, so resume must replay their draws
@@ -86,7 +87,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
 def test_published_checkpoint_loads_and_samples_are_written(tmp_path):
     cfg = train_cfg(epochs_decay=1, sample_every=5, lambda_l1=1.0, lambda_mask=0.1)
     out = train(Blobs(2), tmp_path / "ckpt", tmp_path / "work", MODEL, cfg, AUG, samples_dir=tmp_path / "samples")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "discriminator.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "discriminator.safetensors",
                                                     "model.safetensors", "state.pt"]
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["ngf"] == 4 and config["train"]["batch_size"] == 2 and config["step"] == 1

@@ -6,21 +6,18 @@ notabilis, on a slightly rounder wing). A subspecies is a set of pattern genes; 
 gene from one parent or blends the two. Every image gets a sensor-style xyz depth tiff (MVTec 3D
 layout, z = distance from the camera). Same seed and config give byte-identical files.
 
-    python -m hybrid.data.demo --out results/data/demo          # the dataset
-    python -m hybrid.data.demo --sheet docs/demo_contact_sheet.png
+    hybrid demo results/data/demo                      # the dataset
+    hybrid demo --sheet docs/demo_contact_sheet.png    # the contact sheet
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -31,7 +28,7 @@ import pandas as pd
 
 from hybrid.config import check_keys
 from hybrid.data.xyz import write_xyz
-from hybrid.io import atomic_path
+from hybrid.io import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -732,12 +729,7 @@ def make_demo(
     log.info("demo: drawing %s into %s", cfg, out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"demo output {out} is a file; remove it or pick a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "depth").mkdir()
         items = _plan(cfg)
@@ -755,28 +747,8 @@ def make_demo(
         summary = _summary(cfg, items)
         meta = {"config": dataclasses.asdict(cfg), "summary": summary}
         (tmp / "demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("demo: wrote %d images to %s", summary["images"], out)
     return summary
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder onto ``out``; an existing ``out`` survives a failure."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- contact sheet
@@ -809,23 +781,3 @@ def write_demo_sheet(path: str | Path, seed: int = 0, cell: int = 192) -> Path:
     with atomic_path(path, suffix=".partial.png") as tmp:
         sheet.save(tmp, format="PNG", optimize=True)
     return Path(path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="write the demo dataset to this folder")
-    p.add_argument("--sheet", help="write the contact sheet PNG to this path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="JSON object of DemoConfig fields, e.g. '{\"width\": 256}'")
-    a = p.parse_args(argv)
-    if not a.out and not a.sheet:
-        p.error("give --out and/or --sheet")
-    if a.out:
-        cfg = DemoConfig.from_dict({"seed": a.seed, **json.loads(a.config or "{}")})
-        print(json.dumps(make_demo(a.out, cfg), indent=2))
-    if a.sheet:
-        print(write_demo_sheet(a.sheet, seed=a.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -24,18 +24,15 @@ layout (:func:`read_demo_industrial`) reads the tree with the ``mvtec_ad`` reade
 ``depth_path``, so ``preprocess.depth_source: dataset`` gives AHD its depth offline. The same seed
 and config give byte-identical files, whatever the number of threads.
 
-    python -m hybrid.data.demo_industrial --out results/data/demo_industrial --size 128
+    hybrid demo-industrial results/data/demo_industrial --size 128
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,11 +42,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from hybrid.config import check_keys
-from hybrid.data.demo import _swap_in, xyz_from_z
+from hybrid.config import check_keys, choice
+from hybrid.data.demo import xyz_from_z
 from hybrid.data.manifest import ManifestError
 from hybrid.data.mvtec import read_mvtec_ad
 from hybrid.data.xyz import write_xyz
+from hybrid.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ class IndustrialDemoConfig:
     train_per_category: int = 24  # normal training images of each category
     test_good_per_category: int = 6  # normal test images of each category
     test_per_defect: int = 6  # anomalies of a category's first defect type; the k-th type has k more
-    categories: tuple[str, ...] = tuple(DEFECTS)
+    categories: tuple[str, ...] = choice(tuple(DEFECTS), tuple(DEFECTS))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(self.categories))
@@ -524,12 +522,7 @@ def make_demo_industrial(out_dir: str | Path, cfg: IndustrialDemoConfig | None =
     log.info("industrial demo: drawing %s into %s", cfg, out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"industrial demo output {out} is a file; remove it or pick a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with atomic_dir(out) as tmp:
         items = plan(cfg)
 
         def one(it: _Item) -> None:
@@ -548,10 +541,6 @@ def make_demo_industrial(out_dir: str | Path, cfg: IndustrialDemoConfig | None =
         summary = _summary(cfg, items)
         meta = {"config": dataclasses.asdict(cfg), "summary": summary, "defects": DEFECTS}
         (tmp / "demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("industrial demo: wrote %d images to %s", summary["images"], out)
     return summary
 
@@ -576,18 +565,3 @@ def read_demo_industrial(root: str | Path, categories: str | Iterable[str] | Non
     out = df.assign(depth_path=pd.Series(depth, index=df.index, dtype="string"))[present].reset_index(drop=True)
     out.attrs["skipped"] = skipped
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="write the industrial demo (an MVTec AD tree) to this folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--config", help="JSON object of IndustrialDemoConfig fields, e.g. '{\"test_per_defect\": 9}'")
-    a = p.parse_args(argv)
-    cfg = IndustrialDemoConfig.from_dict({"seed": a.seed, "size": a.size, **json.loads(a.config or "{}")})
-    print(json.dumps(make_demo_industrial(a.out, cfg), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,17 @@ class ProtocolConfig:
 
     enabled: bool = True
     fraction: float = 1 / 3  # of each defect type's test anomalies that are the generation base
-    rounding: str = "ceil"  # ceil (DFMGAN, the papers' "first third") | floor (AnomalyDiffusion's len//3)
-    order: str = "name"  # name (sorted file names) | random (seeded shuffle)
+    rounding: str = choice(ROUNDINGS, "ceil")  # ceil (DFMGAN, the papers' "first third") | floor (AD's len//3)
+    order: str = choice(ORDERS, "name")  # name (sorted file names) | random (seeded shuffle)
     seed: int = 0  # for order: random
     min_anomalies: int = 3  # fewer test anomalies in a defect type: it cannot be split
-    too_few: str = "skip"  # skip | error: what to do with a defect type that cannot be split
+    too_few: str = choice(TOO_FEW, "skip")  # what to do with a defect type that cannot be split
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
             raise ValueError(f"ingest.protocol.fraction={self.fraction!r}; use a number between 0 and 1 "
                              "(1/3 = 0.3333333333333333 in the papers)")
-        for name, value, allowed in (("rounding", self.rounding, ROUNDINGS), ("order", self.order, ORDERS),
-                                     ("too_few", self.too_few, TOO_FEW)):
-            if value not in allowed:
-                raise ValueError(f"ingest.protocol.{name}={value!r}; use one of {list(allowed)}")
+        check_choices(self, "ingest.protocol")
         if self.min_anomalies < 2:
             raise ValueError(f"ingest.protocol.min_anomalies={self.min_anomalies}; use >= 2 (one base, one eval)")
 

@@ -9,8 +9,10 @@ An ``index.parquet`` beside the shards maps sample_id -> (shard, index).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -21,7 +23,10 @@ from torch.utils.data import Dataset
 
 from hybrid.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 SHARD_PATTERN = "shard-{:05d}.h5"
+KEPT = ".published"  # in a shard folder: hard links to the last complete set (shards, index, ...)
 ARRAY_DTYPES = {"image": np.uint8, "edge": np.uint8, "depth": np.uint16, "mask": np.uint8}
 _STR = h5py.string_dtype("utf-8")
 
@@ -70,6 +75,76 @@ def shard_is_current(path: str | Path, fingerprint: str) -> bool:
         return read_attrs(path).get("fingerprint") == fingerprint
     except OSError:  # a damaged file from an old crash: rewrite it
         return False
+
+
+def part_range(n: int, part: int, parts: int) -> range:
+    """The ``part``-th (0-based) of ``parts`` contiguous ranges that split ``range(n)`` evenly."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
+    return range(part * n // parts, (part + 1) * n // parts)
+
+
+class ShardSet:
+    """The numbered shards of one resumable stage (preprocess, generate, baselines) in ``out_dir``.
+
+    The stage decides how many shards there are and each one's fingerprint; this class says which
+    must be written (missing, stale or damaged: :meth:`todo`), checks a scatter's parts are all
+    there (:meth:`require`), and, once the stage has written its index, removes shards past the
+    end and keeps the complete set recoverable (:meth:`finish`): hard links to every shard and
+    the index files in ``out_dir/.published`` (no extra disk). A later run that fails half way,
+    after Snakemake removed its output and some shards were rewritten, leaves that last complete
+    set whole there; :meth:`kept_note` says so in the error.
+    """
+
+    def __init__(self, out_dir: str | Path, n_shards: int, stage: str) -> None:
+        self.out_dir, self.n, self.stage = Path(out_dir), n_shards, stage
+
+    def path(self, i: int) -> Path:
+        return self.out_dir / shard_name(i)
+
+    def todo(self, mine: Iterable[int], prints: Mapping[int, str] | Sequence[str]) -> list[int]:
+        """The shards of ``mine`` whose file is missing, unreadable or has another fingerprint."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return [i for i in mine if not shard_is_current(self.path(i), prints[i])]
+
+    def require(self, job: str) -> None:
+        """A gather's check: every shard is there (each part finished), else name the missing."""
+        missing = [shard_name(i) for i in range(self.n) if not self.path(i).exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.stage} gather: {len(missing)} shards are missing in {self.out_dir} "
+                                    f"({', '.join(missing[:5])}); rerun the {job} jobs that write them")
+
+    def finish(self, files: Sequence[str]) -> None:
+        """After the index ``files`` (names in ``out_dir``) are written: delete shards past the end
+        and replace ``.published`` with hard links to this complete set."""
+        for stale in self.out_dir.glob("shard-*.h5"):
+            if int(stale.stem.split("-")[1]) >= self.n:
+                stale.unlink()
+        kept = self.out_dir / KEPT
+        tmp = self.out_dir / f"{KEPT}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in [*(shard_name(i) for i in range(self.n)), *files]:
+            if (self.out_dir / name).exists():
+                try:
+                    os.link(self.out_dir / name, tmp / name)
+                except OSError:  # a file system without hard links: the set is not kept
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+        old = self.out_dir / f"{KEPT}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if kept.exists():
+            os.rename(kept, old)
+        os.rename(tmp, kept)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def kept_note(self) -> str | None:
+        """Where the last complete set is, for an error message (None when there is none)."""
+        kept = self.out_dir / KEPT
+        if not kept.is_dir():
+            return None
+        return (f"the last complete {self.stage} output is kept in {kept} (its shards and index; copy them "
+                f"into {self.out_dir} to use them while this run is fixed)")
 
 
 def build_index(shard_paths: Sequence[str | Path]) -> pd.DataFrame:

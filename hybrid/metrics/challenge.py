@@ -19,8 +19,6 @@ Rules (Imageomics/HDR-anomaly-challenge, ``ingestion_program/ingestion.py`` and
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,19 +180,3 @@ def score_files(predictions_path: str | Path, reference_csv: str | Path) -> dict
         return challenge_scores(predictions, reference)
     except PredictionsError as e:
         raise PredictionsError(f"{predictions_path} vs {reference_csv}: {e}") from None
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``score --predictions P.txt --reference REF.csv`` (prints the scores as JSON)."""
-    p = subparsers.add_parser(
-        "score", help="HDR butterfly challenge score of a predictions.txt against a reference CSV"
-    )
-    p.add_argument("--predictions", required=True, type=Path, help="predictions.txt (filename,score)")
-    p.add_argument("--reference", required=True, type=Path, help="ref_val.csv or ref_test.csv")
-    p.set_defaults(func=_cli_score)
-    return p
-
-
-def _cli_score(args: argparse.Namespace) -> int:
-    print(json.dumps(score_files(args.predictions, args.reference), indent=2))
-    return 0

@@ -29,15 +29,29 @@ under the guide's augmentation). Training builds its pairs from it.
 
 ``forward(x, noise)`` adds ``noise`` (shape :meth:`feature_shape`) to the encoded features before
 the decoders: AnomalyFactory's diversity noise (paper 002, Sec. 3.3).
+
+A checkpoint folder is ``config.json`` (``{"model": constructor arguments, ...}`` plus whatever
+the trainer records: data, train settings, step) + ``model.safetensors`` + a model card
+``README.md``: :meth:`Generator.save_pretrained` writes them, :meth:`Generator.from_pretrained`
+reads them. Training state (discriminator, optimizers, RNG) is :mod:`hybrid.checkpoint`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)",
+               "blaze": "Blaze-level (AnomalyFactory BlazeDetector)"}
 
 CHANNELS = {"image": 3, "depth": 1, "edge": 1}
 
@@ -200,6 +214,89 @@ class Generator(nn.Module):
         Returns the names of this model's tensors that kept their own initialisation.
         """
         return copy_matching(self, other.state_dict())
+
+    def save_pretrained(self, path: str | Path, config: Mapping | None = None) -> Path:
+        """Write ``config.json`` (``config`` with this model's ``"model"`` entry), ``model.safetensors``
+        and the model card ``README.md`` into the folder ``path`` (created; files follow the umask).
+        Not atomic by itself: trainers write into a temporary folder and rename it into place."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        full = {**dict(config or {}), "model": self.config}
+        text = json.dumps(full, indent=2, sort_keys=True) + "\n"
+        (path / "config.json").write_text(text)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        (path / "README.md").write_text(model_card(self, full, hashlib.sha256(text.encode()).hexdigest()[:16]))
+        for f in ("config.json", "model.safetensors", "README.md"):  # safetensors writes 0600
+            os.chmod(path / f, 0o666 & ~_UMASK)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, level: str | None = None, purpose: str = "this use") -> Generator:
+        """The generator of a checkpoint folder, weights from model.safetensors, in eval mode.
+
+        ``level``: the level the caller needs (rgb, depth, blaze); another level fails naming both.
+        A missing folder, a missing or damaged file each fail with what to do.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); point at a train "
+                                    "stage's checkpoint/ folder, e.g. results/train/checkpoint")
+        try:
+            model = json.loads((path / "config.json").read_text())["model"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path / 'config.json'} is not a checkpoint config ({e}); restore the folder from "
+                             "results/train/work/published or retrain") from None
+        G = cls(**model)
+        if level is not None and G.level != level:
+            raise ValueError(f"{path} holds a {LEVEL_NAMES[G.level]} generator, but {purpose} needs a "
+                             f"{LEVEL_NAMES[level]} one: use results/{'train' if level == 'rgb' else 'train_depth'}"
+                             "/checkpoint")
+        try:
+            G.load_state_dict(load_file(path / "model.safetensors"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} has no model.safetensors: the checkpoint is incomplete; use a published "
+                                    "one (results/train/checkpoint, or the copy in results/train/work/published)"
+                                    ) from None
+        except Exception as e:  # safetensors' own error type for a damaged file, or mismatched tensors
+            raise ValueError(f"{path / 'model.safetensors'} cannot be loaded ({e}); the file is damaged or from "
+                             "another model: restore it (results/train/work/published keeps the last published "
+                             "copy) or retrain") from None
+        return G.eval()
+
+
+def model_card(G: Generator, config: Mapping, settings_hash: str) -> str:
+    """The checkpoint's README.md: architecture, training data, steps, settings hash, how to load."""
+    m, data, train = config["model"], dict(config.get("data") or {}), dict(config.get("train") or {})
+    n = sum(p.numel() for p in G.parameters())
+    lines = [f"# {LEVEL_NAMES.get(G.level, G.level)} generator", "",
+             "Written by `hybrid` (pix2pixHD encoder shared by decoder groups, each a texture and a "
+             "fusion-mask branch; paper 003 Sec. 3.2, Eq. 1).", "",
+             "## Architecture", "",
+             f"- level `{m['level']}`; decoders {', '.join(m['decoders'])}; conditions {', '.join(m['conditions'])}",
+             f"- ngf {m['ngf']}, {m['n_downsample']} downsamplings, {m['n_blocks']} ResNet blocks; {n:,} parameters",
+             "", "## Training data", ""]
+    if data:
+        lines += [f"- {data.get('n_samples', '?')} samples (select {data.get('select', '?')}) at "
+                  f"{data.get('resolution', '?')} px ({data.get('fit', '?')})",
+                  f"- edges: {data.get('edge_model', '?')}; depth: {data.get('depth_source', '?')} "
+                  f"(shard array {data.get('depth_field', 'depth')})"]
+    else:
+        lines.append("- not recorded")
+    lines += ["", "## Training", ""]
+    if "step" in config:
+        lines.append(f"- {config['step']} steps, {config.get('epoch', '?')} epochs done")
+    if train:
+        keys = ("epochs", "epochs_decay", "batch_size", "lr", "lambda_feat", "lambda_vgg", "shared_geometry")
+        lines.append("- " + ", ".join(f"{k} {train[k]}" for k in keys if k in train))
+    lines += [f"- settings hash `{settings_hash}` (sha256 of config.json)", "", "## Use", "", "```python",
+              "from hybrid.pipeline import HybridPipeline", "",
+              'pipe = HybridPipeline.from_pretrained("<this folder>")',
+              'out = pipe("reference.png", "target.png", manipulation="random")', "```", ""]
+    return "\n".join(lines)
 
 
 @torch.no_grad()

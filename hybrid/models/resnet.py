@@ -190,20 +190,11 @@ def load_resnet(arch: str = "resnet18", weights: str = "auto", path: str | Path 
     ``path``: an explicit checkpoint (else the store's lookup of the registered name ``arch``).
     ``real`` raises the store's MissingWeightsError naming the file when it is missing.
     """
-    from hybrid.models.store import MissingWeightsError, locate
+    from hybrid.models.store import resolve_mode
 
-    if weights not in ("auto", "real", "random"):
-        raise ValueError(f"weights {weights!r}: use auto, real or random")
+    p = resolve_mode(arch, weights, path)
     model = ResNet(arch)
-    if weights == "random":
-        return seeded_init(model, seed).eval()
-    try:
-        p = locate(arch, path)
-    except MissingWeightsError as e:
-        if weights == "real":
-            raise
-        log.warning("%s: weights not found, using a RANDOM STAND-IN; its features are not ImageNet features "
-                    "(set weights: real to fail instead). %s", arch, e)
+    if p is None:
         return seeded_init(model, seed).eval()
     try:
         model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True), strict=True)

@@ -10,13 +10,13 @@ with a progress bar and a checksum check, unless offline (``HYBRID_OFFLINE=1`` o
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,22 +326,40 @@ def fetch(names: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    """Handler of ``hybrid models list|fetch``; fetch failures raise MissingWeightsError (exit via cli.main)."""
-    if args.models_command == "list":
-        print(format_status())
-    else:
-        for p in fetch(args.names or None):
-            print(p)
-    return 0
+WEIGHT_MODES = ("auto", "real", "random")
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``models list`` and ``models fetch [NAMES...]``; the handler is ``args.func`` (cmd_models)."""
-    p = subparsers.add_parser("models", help="list or pre-download the pretrained weights")
-    sub = p.add_subparsers(dest="models_command", required=True)
-    sub.add_parser("list", help="show which weights are present and where").set_defaults(func=cmd_models)
-    f = sub.add_parser("fetch", help="download weights into the user cache (all when no NAME)")
-    f.add_argument("names", nargs="*", metavar="NAME", help=f"any of: {', '.join(REGISTRY)}")
-    f.set_defaults(func=cmd_models)
-    return p
+def resolve_mode(name: str, mode: str, path: str | Path | None = None, what: str = "") -> Path | None:
+    """The weight policy every stage's ``weights: auto | real | random`` follows, in one place.
+
+    ``real``: the file of ``name`` (``path`` or the store's lookup), else MissingWeightsError naming
+    it and how to fetch it. ``auto``: the file when it is here, else None with a warning that a
+    random stand-in is used (numbers not comparable to papers). ``random``: None.
+    """
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weights {mode!r}: use one of {', '.join(WEIGHT_MODES)}")
+    if mode == "random":
+        return None
+    try:
+        return locate(name, path)
+    except MissingWeightsError as e:
+        if mode == "real":
+            raise
+        log.warning("%s: weights not found, using a RANDOM STAND-IN%s; its numbers are not comparable to papers "
+                    "(set weights: real to fail instead). %s", name, f" {what}" if what else "", e)
+        return None
+
+
+def present(name: str, paths: Mapping[str, str] | None = None) -> Path | None:
+    """The file of a registered weight if it is already here (an explicit path, or a search root);
+    never downloads."""
+    paths = dict(paths or {})
+    if paths.get(name):
+        p = Path(paths[name]).expanduser()
+        return p if p.exists() else None
+    spec = get_spec(name)
+
+    def here(p: Path) -> bool:
+        return (p / "config.json").is_file() if spec.kind == "hf" else p.is_file()
+
+    return next((root / spec.relpath for _, root in search_roots() if here(root / spec.relpath)), None)

@@ -1,13 +1,13 @@
 """The baselines stage: model-free anomalies (DRAEM's Perlin, CutPaste) in the generate stage's format.
 
 Does generation beat cheap synthesis? To compare them downstream (evaluate, the defect classifier,
-the segment stage) the baselines are written exactly as :mod:`hybrid.generate` writes its outputs:
+the segment stage) the baselines are written exactly as :mod:`hybrid.stages.generate` writes its outputs:
 ``results/baselines/shard-NNNNN.h5`` with the arrays ``image`` uint8 (N, H, W, 3), ``region``
 uint8 {0, 255} (the ground-truth anomaly mask) and ``mask`` (the generate stage's fusion map M;
 for a model-free method the same mask), the strings ``sample_id``, ``pair_id``, ``reference_id``,
 ``target_id``, ``decoder``, ``manipulation``, ``category``, ``kind``; ``manifest.parquet`` (the
-columns of :data:`hybrid.generate.MANIFEST_COLUMNS`, read back from the shards with
-:func:`hybrid.generate.read_generated`) and one contact sheet per category in ``sheets/``.
+columns of :data:`hybrid.stages.generate.MANIFEST_COLUMNS`, read back from the shards with
+:func:`hybrid.stages.generate.read_generated`) and one contact sheet per category in ``sheets/``.
 
 - Sources: per category, ``count`` normal training images drawn with a seed from the rows the
   generate stage selects (``generate.select``, by default split train, label 0): without
@@ -48,10 +48,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from hybrid.baselines import METHODS, CutPasteConfig, PerlinConfig, TextureFolder, synthesize
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import matches
-from hybrid.data.shards import ShardDataset, read_attrs, shard_is_current, shard_name, write_shard
-from hybrid.generate import read_generated, safe_name
+from hybrid.data.shards import ShardDataset, ShardSet, read_attrs, write_shard
+from hybrid.planning import safe_name
+from hybrid.stages.generate import read_generated
 from hybrid.io import atomic_path, write_parquet_atomic
 from hybrid.viz import contact_sheet
 
@@ -66,7 +67,7 @@ DEFAULT_SELECT = {"split": "train", "label": 0}
 class BaselinesConfig:
     """The ``baselines`` config section (``enabled`` is the workflow's: which layouts run the rule)."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = choice(METHODS, default_factory=lambda: list(METHODS))
     count: int | None = None  # outputs per category and method; None = generate.local.count
     seed: int = 0
     perlin: PerlinConfig = field(default_factory=PerlinConfig)
@@ -75,8 +76,8 @@ class BaselinesConfig:
     sheet_rows: int = 4  # pairs on each category's contact sheet
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods or len(set(self.methods)) != len(self.methods):
+        check_choices(self, "baselines")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"baselines.methods {self.methods!r}: list some of {list(METHODS)}, each once")
         if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
             raise ValueError(f"baselines.count {self.count!r} must be a positive integer (or null for "
@@ -311,7 +312,8 @@ def run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: Bas
     base = _fingerprint(cfg, shard_dir, index_df, pool, textures)
     prints = [hashlib.sha256((base + json.dumps([dataclasses.astuple(j) for j in c])).encode()).hexdigest()
               for c in chunks]
-    todo = [i for i in range(len(chunks)) if not shard_is_current(out_dir / shard_name(i), prints[i])]
+    shards = ShardSet(out_dir, len(chunks), "baselines")
+    todo = shards.todo(range(len(chunks)), prints)
     log.info("baselines: %s x %d sources in %d categories (%d per category) = %d images in %d shards "
              "(%d to write, %d kept); sources from generate.select %s", ", ".join(cfg.manipulation(m) for m in
                                                                                    cfg.methods),
@@ -327,14 +329,12 @@ def run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: Bas
                                         default=str)
         bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(cfg.methods), desc="baselines", unit="img")
         for i in todo:
-            _write_chunk(out_dir / shard_name(i), chunks[i], cfg, images, pool, textures,
+            _write_chunk(shards.path(i), chunks[i], cfg, images, pool, textures,
                          {**attrs, "fingerprint": prints[i]}, bar)
         bar.close()
-    for stale in out_dir.glob("shard-*.h5"):
-        if int(stale.stem.split("-")[1]) >= len(chunks):
-            stale.unlink()
-    result = read_generated([out_dir / shard_name(i) for i in range(len(chunks))])
+    result = read_generated([shards.path(i) for i in range(len(chunks))])
     write_parquet_atomic(result, out_dir / "manifest.parquet")
+    shards.finish(["manifest.parquet"])
     for c in result["category"].unique():
         write_sheet(out_dir / "sheets" / f"{safe_name(c)}.png", result[result["category"] == c], out_dir, images,
                     cfg.sheet_rows)

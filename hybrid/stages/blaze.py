@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from hybrid.augment import AugmentConfig
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
 from hybrid.stages.boot import DECODER, blaze_model_config, load_af_checkpoint
 from hybrid.stages.flare import (FlareConfig, ManipulatedPairs, feature_noise, file_stamp, no_tps, prune, region_store,
                                  shard_data, stage_train_config, train_af, training_set, work_key)
-from hybrid.train import derive_seed
+from hybrid.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,10 @@ class BlazeConfig:
     batch_size: int = 32
     w_bh: float = 10.0
     noise_std: float = 0.1  # Flare's feature noise when it makes Blaze's training anomalies
-    init: str = "flare"  # flare (Flare's weights) | scratch
+    init: str = choice(("flare", "scratch"), "flare")  # flare: start from Flare's weights
 
     def __post_init__(self) -> None:
-        if self.init not in ("flare", "scratch"):
-            raise ValueError(f"anomalyfactory.blaze.init={self.init!r}: use flare or scratch")
+        check_choices(self, "anomalyfactory.blaze")
         if self.epochs < 1 or self.batch_size < 1 or self.w_bh < 0 or self.noise_std < 0:
             raise ValueError("anomalyfactory.blaze: epochs and batch_size >= 1, w_bh and noise_std >= 0")
 
@@ -78,11 +77,11 @@ def blaze_targets(G: Generator, flare: Generator, batch: Mapping[str, torch.Tens
     return {"cond": cond, "target": batch["reference_image"], "heat": a["heat"], "anomaly": a["image"]}
 
 
-def run_blaze(index: str | Path, manifest: str | Path, flare: str | Path, checkpoint: str | Path,
+def run(index: str | Path, manifest: str | Path, flare: str | Path, checkpoint: str | Path,
               losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
               blaze_cfg: Mapping, flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping,
               sam_cfg: Mapping | None = None, regions: str | Path | None = None, select: Mapping | None = None,
-              per_dataset: Mapping[str, int] | None = None, seed: int = 0, weights: Mapping | None = None,
+              per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
               threads: int = 1, max_steps: int | None = None) -> Path:
     """The blaze stage: Blaze learns from the Flare checkpoint ``flare``'s anomalies (see the module doc)."""
     torch.set_num_threads(max(1, threads))
@@ -90,8 +89,8 @@ def run_blaze(index: str | Path, manifest: str | Path, flare: str | Path, checkp
     flare_G, flare_config = load_af_checkpoint(flare, "flare", "the blaze stage")
     model = blaze_model_config(flare_G.config)
     train = stage_train_config(train_cfg, bc.epochs, bc.batch_size)
-    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and weights:
-        train["vgg_path"] = weights.get("vgg19")
+    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and paths:
+        train["vgg_path"] = paths.get("vgg19")
     aug = no_tps(augment_cfg)
     man = ManipulateConfig.from_dict({**manipulate_cfg, "manipulations": list(fc.manipulations)})
     max_regions = int((sam_cfg or {}).get("max_regions", 3))

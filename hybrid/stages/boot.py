@@ -1,14 +1,15 @@
 """AnomalyFactory's BootGenerator (paper 002, Sec. 3.2) and what its three stages share.
 
-Boot is the train stage (:func:`hybrid.train_stage.run_train_stage`) with the AnomalyFactory model
+Boot is the train stage (:func:`hybrid.stages.train.run`) with the AnomalyFactory model
 forced: one decoder group (texture + heatmap, fused per Eq. 1 onto the reference image), conditions
 reference RGB + target edge (:data:`BOOT_MODEL`), pix2pixHD losses and the augment section's local
 TPS, resize-translate-pad and flips, each condition under its own draw and the target image under
 the edge's (Eq. 2-4). The paper's schedule is 30 epochs at batch 32 (``config/paper.yaml``).
 
 Also here: the balanced per-dataset subsampling of the training images (Sec. 4.2: "we randomly
-sample 200x12 images from VisA and 400x30 images from RealIAD"), ``anomalyfactory.per_dataset``,
-which Boot and Flare share; and the checks that name the expected checkpoint when a stage is given
+sample 200x12 images from VisA and 400x30 images from RealIAD", i.e. 200 of each of VisA's 12
+categories), ``anomalyfactory.per_dataset`` (dataset -> images per category), which Boot, Flare and
+Blaze share; and the checks that name the expected checkpoint when a stage is given
 the wrong one (:func:`load_af_checkpoint`).
 """
 
@@ -26,8 +27,9 @@ import pandas as pd
 from hybrid.data.manifest import matches, read_manifest
 from hybrid.io import write_parquet_atomic
 from hybrid.models.generator import Generator
-from hybrid.train import load_checkpoint
-from hybrid.train_stage import DEFAULT_SELECT, run_train_stage
+from hybrid.checkpoint import load_checkpoint
+from hybrid.stages.train import DEFAULT_SELECT
+from hybrid.stages.train import run as run_train_stage
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +86,40 @@ def load_af_checkpoint(path: str | Path, stage: str, purpose: str) -> tuple[Gene
 # ----------------------------------------------------------------------------- per-dataset subsampling
 
 
+def _key(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
 def subsample_per_dataset(rows: pd.DataFrame, per_dataset: Mapping[str, int] | None, seed: int) -> pd.DataFrame:
-    """At most ``per_dataset[name]`` rows of each named ``dataset`` (seeded, without replacement);
-    datasets not named keep all their rows. Empty ``per_dataset``: ``rows`` unchanged."""
+    """At most ``per_dataset[name]`` rows of *each category* of each named ``dataset`` (the paper's
+    "200x12 images from VisA": 200 of each of its 12 categories), drawn seeded per (dataset, category)
+    without replacement; a category with fewer keeps all of them (logged). Datasets not named keep
+    all their rows; an empty ``per_dataset`` returns ``rows`` unchanged."""
     if not per_dataset:
         return rows
-    if "dataset" not in rows.columns:
-        raise ValueError("anomalyfactory.per_dataset needs the manifest's 'dataset' column")
+    if "dataset" not in rows.columns or "category" not in rows.columns:
+        raise ValueError("anomalyfactory.per_dataset needs the manifest's 'dataset' and 'category' columns")
     have = set(rows["dataset"].astype(str))
     unknown = sorted(set(per_dataset) - have)
     if unknown:
         raise ValueError(f"anomalyfactory.per_dataset names dataset(s) {unknown} that the selected training rows do "
                          f"not have; they have {sorted(have)}")
     parts = []
-    for name, g in rows.groupby(rows["dataset"].astype(str), sort=True):
+    for (name, category), g in rows.groupby([rows["dataset"].astype(str), rows["category"].astype(str)], sort=True):
         n = per_dataset.get(name)
-        if n is not None and n < len(g):
-            rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
+        if n is not None and int(n) < len(g):
+            rng = np.random.default_rng([seed, _key(name), _key(category)])
             g = g.iloc[np.sort(rng.choice(len(g), size=int(n), replace=False))]
+        elif n is not None and int(n) > len(g):
+            log.info("per_dataset: %s / %s has %d images, fewer than %d: all of them", name, category, len(g), int(n))
         parts.append(g)
-        log.info("per_dataset: %s: %d of %d images", name, len(g), int((rows["dataset"].astype(str) == name).sum()))
-    return pd.concat(parts).sort_index()
+    out = pd.concat(parts).sort_index()
+    for name in sorted(set(per_dataset)):
+        sub = out[out["dataset"].astype(str) == name]
+        log.info("per_dataset: %s: %d images per category -> %d of %d images over %d categories", name,
+                 int(per_dataset[name]), len(sub), int((rows["dataset"].astype(str) == name).sum()),
+                 sub["category"].nunique())
+    return out
 
 
 def training_rows(manifest: str | Path, select: Mapping | None, per_dataset: Mapping[str, int] | None,
@@ -118,10 +133,10 @@ def training_rows(manifest: str | Path, select: Mapping | None, per_dataset: Map
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_boot(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
+def run(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
              samples: str | Path, work_root: str | Path, model_cfg: Mapping, train_cfg: Mapping,
              boot_cfg: Mapping, augment_cfg: Mapping, select: Mapping | None = None,
-             per_dataset: Mapping[str, int] | None = None, seed: int = 0, weights: Mapping | None = None,
+             per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
              threads: int = 1) -> Path:
     """Train Boot: the train stage with :data:`BOOT_MODEL` and ``boot_cfg`` (epochs, epochs_decay,
     batch_size) over the train section; with ``per_dataset`` on a seeded per-dataset draw of the
@@ -140,5 +155,5 @@ def run_boot(index: str | Path, manifest: str | Path, checkpoint: str | Path, lo
     log.info("boot: AnomalyFactory BootGenerator (%s), %s epochs + %s decay, batch %s", BOOT_MODEL, train.get("epochs"),
              train.get("epochs_decay"), train.get("batch_size"))
     return run_train_stage(index, manifest, checkpoint, losses, samples, work_root, boot_model_config(model_cfg), train,
-                           dict(augment_cfg), select=dict(select) if select else None, weights=dict(weights or {}),
+                           dict(augment_cfg), select=dict(select) if select else None, paths=dict(paths or {}),
                            threads=threads)

@@ -33,11 +33,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
-from hybrid.evaluate import read_images
+from hybrid.stages.evaluate import read_images
 from hybrid.io import write_json_atomic, write_parquet_atomic
-from hybrid.models.resnet import load_resnet, normalize
+from hybrid.manipulate import MANIPULATION_NAMES
+from hybrid.models.resnet import ARCHS, load_resnet, normalize
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ COLUMNS = ["category", "variant", "manipulation", "accuracy", "n_train", "n_test
 class ClassifyDefectsConfig:
     """The ``classify_defects`` config section (``paths``: store name -> explicit weights file)."""
 
-    enabled: str | bool = "auto"  # auto: industrial layouts (rules decide; the stage ignores it)
-    weights: str = "auto"  # auto | real | random
-    arch: str = "resnet34"
-    variants: list[str] = field(default_factory=lambda: ["AHD", "AHE", "both"])
-    manipulations: list[str] = field(default_factory=lambda: ["all"])  # all | merge | remove | replace | tps
+    enabled: str | bool = choice(("auto", True, False), "auto")  # auto: industrial layouts (the rules decide)
+    weights: str = choice(WEIGHT_MODES, "auto")
+    arch: str = choice(tuple(ARCHS), "resnet34")
+    variants: list[str] = choice((*DECODERS, "both"), default_factory=lambda: ["AHD", "AHE", "both"])
+    manipulations: list[str] = choice(("all", *MANIPULATION_NAMES), default_factory=lambda: ["all"])  # Table 7's rows
     epochs: int = 30
     lr: float = 1e-4
     batch_size: int = 32
@@ -63,21 +64,18 @@ class ClassifyDefectsConfig:
     flips: bool = True
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16
+    precision: str = choice(PRECISIONS, "auto")  # auto: bf16 on cuda
     paths: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [v for v in self.variants if v not in (*DECODERS, "both")]
-        if bad or not self.variants:
-            raise ValueError(f"classify_defects.variants {self.variants}: use some of AHD, AHE, both")
-        bad = [m for m in self.manipulations if m not in ("all", "merge", "remove", "replace", "tps")]
-        if bad or not self.manipulations:
-            raise ValueError(f"classify_defects.manipulations {self.manipulations}: use all and/or merge, "
-                             "remove, replace, tps")
-        if self.weights not in ("auto", "real", "random"):
-            raise ValueError(f"classify_defects.weights {self.weights!r}: use auto, real or random")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"classify_defects.precision {self.precision!r}: use auto, fp32 or bf16")
+        if isinstance(self.enabled, str) and self.enabled.lower() in ("true", "false"):
+            self.enabled = self.enabled.lower() == "true"  # from a --config override
+        if not self.variants:
+            raise ValueError("classify_defects.variants is empty; use some of AHD, AHE, both")
+        if not self.manipulations:
+            raise ValueError("classify_defects.manipulations is empty; use all and/or merge, remove, replace, tps")
+        check_choices(self, "classify_defects")
+        check_device(self.device, "classify_defects.device")
         for key in ("epochs", "batch_size", "input_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"classify_defects.{key} must be at least 1, got {getattr(self, key)}")

@@ -14,10 +14,7 @@ it came from. The tree is written under a temporary name and renamed when comple
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +23,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
+from hybrid.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 TRAIN_GOOD = ("real", "generated", "both")
+DECODERS = ("AHD", "AHE")
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,15 @@ class ExportConfig:
     """The ``export`` config section (``enabled`` only decides whether ``rule all`` asks for it)."""
 
     enabled: bool = False
-    decoders: tuple[str, ...] = ("AHD", "AHE")  # generated anomalies of these decoders
-    train_good: str = "real"  # real | generated | both: what goes to train/good
+    decoders: tuple[str, ...] = choice(DECODERS, DECODERS)  # generated anomalies of these decoders
+    train_good: str = choice(TRAIN_GOOD, "real")  # what goes to train/good
     test_good: bool = True  # the real normal test images as test/good
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoders", tuple(self.decoders))
-        if self.train_good not in TRAIN_GOOD:
-            raise ValueError(f"export.train_good={self.train_good!r}: use one of {list(TRAIN_GOOD)}")
         if not self.decoders:
             raise ValueError("export.decoders: name at least one decoder (AHD, AHE)")
+        check_choices(self, "export")
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> ExportConfig:
@@ -101,20 +99,12 @@ def run(inputs: Inputs, out_dir: str | Path, cfg: ExportConfig | Mapping | None 
                          f"{list(cfg.decoders)} (kinds {sorted(gen['kind'].unique())}, decoders "
                          f"{sorted(gen['decoder'].unique())}); enable generate.kinds local or set export.decoders")
     local["folder"] = defect_names(local)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     listing: list[dict] = []
-    try:
+    with atomic_dir(out_dir) as tmp:
         for category in sorted(local["category"].unique()):
             listing += _category(tmp, category, real, local[local["category"] == category], gen, real_dir, gen_dir, cfg)
         table = pd.DataFrame(listing, columns=["file", "mask", "category", "split", "defect", "source", "sample_id"])
         table.to_csv(tmp / "export.csv", index=False)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("export: wrote %s: %d images in %d categories (%s)", out_dir, len(table), table["category"].nunique(),
              ", ".join(f"{k} {v}" for k, v in table.groupby(["split", "defect"]).size().items()))
     log.info("export settings: %s", asdict(cfg))

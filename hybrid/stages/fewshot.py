@@ -10,7 +10,7 @@ Per category and per shot count ``k`` (``fewshot.shots``, e.g. 1, 2, 4, 8 and ``
    category out with ``fewshot.categories``).
 2. Generated normals made from those same k images: the generate stage's ``normal`` kind (global
    generation with reference and target alike) on pairs drawn by its own random pairing
-   (:func:`hybrid.generate.pair_samples`) among the k images; k = 1 pairs the image with itself.
+   (:func:`hybrid.planning.pair_samples`) among the k images; k = 1 pairs the image with itself.
    ``generated_per_shot`` x k images (capped at ``max_generated``), one per decoder of each pair, each
    pair with its own seed (``feature_noise`` adds AnomalyFactory's diversity noise). The generator is
    the trained checkpoint (``train_generator: false``, the only setting for now): the *full model*,
@@ -48,9 +48,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import matches
 from hybrid.io import write_json_atomic, write_parquet_atomic
+from hybrid.models.resnet import ARCHS, LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,11 @@ class FewShotConfig:
     seed: int = 0
     select: dict[str, object] = field(default_factory=lambda: {"split": "train", "label": 0})
     test_select: dict[str, object] = field(default_factory=lambda: {"split": "test"})
-    test_protocol: str = "all"  # all | eval: leave out the industrial protocol's base-set anomalies
+    test_protocol: str = choice(("all", "eval"), "all")  # eval: leave out the industrial protocol's base-set anomalies
     categories: list[str] | None = None  # None or [] = every category with test rows
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | wide_resnet50_2
-    layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
-    weights: str = "auto"  # auto | real | random
+    backbone: str = choice(tuple(ARCHS), "resnet18")
+    layers: list[str] = choice(LAYERS, default_factory=lambda: ["layer2", "layer3"])
+    weights: str = choice(WEIGHT_MODES, "auto")
     coreset_ratio: float = 0.1
     num_neighbors: int = 9
     train_generator: bool = False  # true (a generator trained on the k shots alone) is not implemented yet
@@ -105,7 +106,7 @@ class FewShotConfig:
     batch_size: int = 16  # PatchCore batches
     generate_batch_size: int = 8
     device: str = "auto"
-    precision: str = "auto"  # of the generator: auto | fp32 | bf16
+    precision: str = choice(PRECISIONS, "auto")  # of the generator
 
     def __post_init__(self) -> None:
         if not self.shots:
@@ -118,20 +119,16 @@ class FewShotConfig:
         if self.train_generator:
             raise ValueError("fewshot.train_generator: true (a generator trained on the k shots alone) is not "
                              "implemented yet; use false (generated normals from the run's trained checkpoint)")
-        if self.weights not in ("auto", "real", "random"):
-            raise ValueError(f"fewshot.weights {self.weights!r}: use auto, real or random")
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"fewshot.coreset_ratio {self.coreset_ratio} must lie in (0, 1]")
         if self.num_neighbors < 1 or self.batch_size < 1 or self.generate_batch_size < 1:
             raise ValueError("fewshot.num_neighbors, batch_size and generate_batch_size must be >= 1")
         if self.generated_per_shot < 0 or self.max_generated < 0 or self.feature_noise < 0:
             raise ValueError("fewshot.generated_per_shot, max_generated and feature_noise must be >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"fewshot.precision {self.precision!r}: use auto, fp32 or bf16")
-        if self.test_protocol not in ("all", "eval"):
-            raise ValueError(f"fewshot.test_protocol {self.test_protocol!r}: use all or eval")
         if not self.layers:
             raise ValueError("fewshot.layers is empty; PatchCore uses e.g. [layer2, layer3]")
+        check_choices(self, "fewshot")
+        check_device(self.device, "fewshot.device")
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> FewShotConfig:
@@ -248,7 +245,8 @@ class Generated:
 
     def __init__(self, checkpoint: str | Path, index_df: pd.DataFrame, shard_dir: Path, cfg: FewShotConfig,
                  device: torch.device) -> None:
-        from hybrid.generate import Samples, load_generator, resolve_precision
+        from hybrid.pipeline import load_generator, resolve_precision
+        from hybrid.stages.generate import Samples
 
         self.G = load_generator(checkpoint, device)
         self.precision = resolve_precision(cfg.precision, device)
@@ -259,7 +257,7 @@ class Generated:
     def pairs(self, shots: Sequence[str], category: str, k_label: str, n_pairs: int) -> list[tuple[str, str]]:
         """(reference, target) pairs among ``shots``: the generate stage's random pairing; one shot
         is paired with itself."""
-        from hybrid.generate import PairingConfig, pair_samples
+        from hybrid.planning import PairingConfig, pair_samples
 
         if n_pairs == 0:
             return []
@@ -271,7 +269,7 @@ class Generated:
 
     def images(self, shots: Sequence[str], category: str, k_label: str, n_images: int) -> np.ndarray:
         """``n_images`` generated normal images (uint8 (n, H, W, 3)), pairs in order, decoders in order."""
-        from hybrid.generate import generate_batch, to_uint8
+        from hybrid.pipeline import generate_batch, to_uint8
         from hybrid.manipulate import ManipulateConfig
 
         decoders = list(self.G.decoder_names)
@@ -318,7 +316,7 @@ def score(model, test: TestSet) -> dict[str, float]:
 
 
 def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None, out_json: str | Path,
-        out_table: str | Path, cfg: FewShotConfig, weights: Mapping[str, str] | None = None,
+        out_table: str | Path, cfg: FewShotConfig, paths: Mapping[str, str] | None = None,
         threads: int | None = None) -> pd.DataFrame:
     """Write ``out_json`` (rows, weights, generator, draws, published numbers) and ``out_table``
     (the rows as parquet); return the rows. ``checkpoint``: the trained generator (None: no
@@ -359,7 +357,7 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
     published = PUBLISHED_PATCHCORE if datasets == ["mvtec_ad"] else None
 
     device = resolve_device(cfg.device)
-    backbone = load_resnet(cfg.backbone, cfg.weights, path=(weights or {}).get(cfg.backbone), seed=cfg.seed)
+    backbone = load_resnet(cfg.backbone, cfg.weights, path=(paths or {}).get(cfg.backbone), seed=cfg.seed)
     log.info("fewshot: %s backbone (%s), layers %s, coreset ratio %g, on %s; categories %s, shots %s",
              cfg.backbone, backbone.weights_label, cfg.layers, cfg.coreset_ratio, device, cats, cfg.shots)
     use_generated = checkpoint is not None and cfg.generated_per_shot > 0 and cfg.max_generated > 0

@@ -53,17 +53,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.augment import AugmentConfig, augment
-from hybrid.config import check_keys
+from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss
-from hybrid.manipulate import ManipulateConfig, check_manipulation, local_anomaly
+from hybrid.manipulate import MANIPULATION_NAMES, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator, copy_matching
 from hybrid.regions import RegionStore, semantic_region
 from hybrid.stages.boot import DECODER, load_af_checkpoint, training_rows
-from hybrid.train import (TrainConfig, check_same_config, derive_seed, epoch_batches, latest_checkpoint, load_state,
-                          lr_at, publish, save_checkpoint, save_tiles, set_rng_state, setup_device, start_csv)
+from hybrid.checkpoint import (check_same_config, latest_checkpoint, load_state, save_checkpoint,
+                               set_rng_state)
+from hybrid.seeds import derive_seed
+from hybrid.train import TrainConfig, epoch_batches, lr_at, save_tiles, setup_device, start_csv
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class FlareConfig:
     batch_size: int = 32  # Boot's batch in the paper; Flare's is not given [I]
     w_fh: float = 10.0
     noise_std: float = 0.1  # std of the feature noise (paper: "random noise", magnitude not given [I])
-    manipulations: tuple[str, ...] = AF_MANIPULATIONS
+    manipulations: tuple[str, ...] = choice(MANIPULATION_NAMES, AF_MANIPULATIONS)
     region_mix: float = 0.5  # share of semantic (SAM) regions; the rest stochastic (the paper mixes both)
     semantic_fallback: bool = False  # no SAM weights: stochastic regions only (true) or an error (false)
 
@@ -89,7 +91,11 @@ class FlareConfig:
         if not self.manipulations:
             raise ValueError(f"anomalyfactory.flare.manipulations is empty; use some of {list(AF_MANIPULATIONS)}")
         for m in self.manipulations:
-            check_manipulation(m)
+            try:
+                check_manipulation(m)
+            except ValueError as e:
+                raise ValueError(f"anomalyfactory.flare.manipulations: {e}") from None
+        check_choices(self, "anomalyfactory.flare")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("anomalyfactory.flare.epochs and batch_size must be at least 1")
         if not 0 <= self.region_mix <= 1 or self.w_fh < 0 or self.noise_std < 0:
@@ -426,19 +432,19 @@ def prune(work_root: Path, keep: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def run_flare(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: str | Path,
+def run(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: str | Path,
               losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
               flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping, sam_cfg: Mapping | None = None,
               regions: str | Path | None = None, select: Mapping | None = None,
-              per_dataset: Mapping[str, int] | None = None, seed: int = 0, weights: Mapping | None = None,
+              per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
               threads: int = 1, max_steps: int | None = None) -> Path:
     """The flare stage: Flare from the Boot checkpoint ``boot`` (see the module doc)."""
     torch.set_num_threads(max(1, threads))
     fc = FlareConfig.from_dict(flare_cfg)
     boot_G, boot_config = load_af_checkpoint(boot, "boot", "the flare stage")
     train = stage_train_config(train_cfg, fc.epochs, fc.batch_size)
-    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and weights:
-        train["vgg_path"] = weights.get("vgg19")
+    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and paths:
+        train["vgg_path"] = paths.get("vgg19")
     aug = no_tps(augment_cfg)
     man = ManipulateConfig.from_dict({**manipulate_cfg, "manipulations": list(fc.manipulations)})
     max_regions = int((sam_cfg or {}).get("max_regions", 3))

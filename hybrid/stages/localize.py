@@ -18,13 +18,17 @@ semantic / stochastic), edges edited with another image's edges, Flare with feat
 Blaze on Flare's anomaly. A second strip shows real test anomalies: image, ground truth, edges,
 Blaze's normal image, Blaze's heatmap.
 
-Generation quality (Tables 1-2): per category, ``quality.count`` normal training images; for each
-region strategy (``semantic``, ``stochastic``, ``mixed`` = half and half) one manipulated edge map
-each, and *the same* (reference, manipulated edge) pairs through Boot and Flare (Flare with feature
-noise). Scored with the evaluate stage's networks and settings (``evaluate`` section): Inception
-Score and cluster LPIPS (centres: real test anomalies of the category, as the evaluate stage picks
-them), reported also as LPIPS x 10 as in the paper. Semantic strategies need the SAM candidate maps;
-without them those rows are NaN with the reason.
+Generation quality (Tables 1-2): per dataset and category, ``quality.count`` normal training images
+(the targets); for each region strategy (``semantic``, ``stochastic``, ``mixed`` = half and half) one
+manipulated edge map each, and for each reference source of ``quality.references`` *the same*
+(reference, manipulated edge) pairs through Boot and Flare (Flare with feature noise). Reference
+sources: ``self`` (the normal image itself, Table 1) or the name of a dataset of the dataset list,
+whose normal training images (any category, a seeded fixed list) give the colours to the target's
+edited edges (Table 2's columns, "reference color images for FlareG are from"). Scored with the
+evaluate stage's networks and settings (``evaluate`` section): Inception Score and cluster LPIPS
+(centres: real test anomalies of the category in its dataset, as the evaluate stage picks them),
+reported also as LPIPS x 10 as in the paper; means per dataset (Table 2's rows) and over all.
+Semantic strategies need the SAM candidate maps; without them those rows are NaN with the reason.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.io import atomic_path, write_json_atomic, write_parquet_atomic
 from hybrid.manipulate import ManipulateConfig
@@ -51,7 +55,7 @@ from hybrid.models.generator import Generator
 from hybrid.regions import RegionStore, semantic_region
 from hybrid.stages.boot import DECODER, load_af_checkpoint
 from hybrid.stages.flare import FlareConfig, anomaly_edges, feature_noise
-from hybrid.train import derive_seed
+from hybrid.seeds import derive_seed
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -60,8 +64,9 @@ MEAN = "(mean)"
 METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"]
 COLUMNS = ["category", "n_test", "n_test_anomalies", "n_masks", *METRICS, "note"]
 STRATEGIES = {"semantic": 1.0, "stochastic": 0.0, "mixed": 0.5}  # share of semantic regions
-QUALITY_COLUMNS = ["dataset", "category", "strategy", "generator", "n_images", "is_mean", "is_std", "lpips", "lpips_x10",
-                   "lpips_std", "n_centres", "n_clusters_used", "n_semantic", "note"]
+QUALITY_COLUMNS = ["dataset", "category", "strategy", "reference", "generator", "n_images", "is_mean", "is_std", "lpips",
+                   "lpips_x10", "lpips_std", "n_centres", "n_clusters_used", "n_semantic", "note"]
+SELF = "self"  # quality.references: the target image is its own reference
 
 
 @dataclass(frozen=True)
@@ -73,21 +78,26 @@ class LocalizeConfig:
     image_box: int = 0  # > 0: max of the box x box mean filter instead (AnomalyDiffusion: 21)
     pixel_bins: int = 65536
     pro_max_fpr: float = 0.3
-    test_protocol: str = "eval"  # eval: leave the protocol's base-set anomalies out | all
+    test_protocol: str = choice(("eval", "all"), "eval")  # eval: leave the protocol's base-set anomalies out
     strip_images: int = 4
     noise_std: float = 0.1  # Flare's feature noise in the strips and the generation-quality sets
     seed: int = 0
     device: str = "auto"
     quality_count: int = 16  # normal images per category for Tables 1-2 (0: off); paper: 1,000
-    quality_strategies: tuple[str, ...] = ("semantic", "stochastic", "mixed")
+    quality_strategies: tuple[str, ...] = choice(tuple(STRATEGIES), ("semantic", "stochastic", "mixed"))
+    quality_references: tuple[str, ...] = (SELF,)  # self and / or dataset names (Table 2's reference sources)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quality_strategies", tuple(self.quality_strategies))
+        object.__setattr__(self, "quality_references", tuple(str(r) for r in self.quality_references))
+        if not self.quality_references or len(set(self.quality_references)) < len(self.quality_references):
+            raise ValueError(f"anomalyfactory.quality.references {list(self.quality_references)}: give one or more "
+                             f"distinct sources ({SELF!r} or dataset names)")
         bad = [s for s in self.quality_strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"anomalyfactory.quality.strategies {bad}: use some of {list(STRATEGIES)}")
-        if self.test_protocol not in ("eval", "all"):
-            raise ValueError(f"anomalyfactory.localize.test_protocol={self.test_protocol!r}: use eval or all")
+        check_choices(self, "anomalyfactory.localize")
+        check_device(self.device, "anomalyfactory.localize.device")
         if self.batch_size < 1 or self.pixel_bins < 2 or self.strip_images < 0 or self.quality_count < 0:
             raise ValueError("anomalyfactory.localize: batch_size >= 1, pixel_bins >= 2, strip_images and "
                              "quality count >= 0")
@@ -96,15 +106,16 @@ class LocalizeConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping | None, quality: Mapping | None = None) -> LocalizeConfig:
-        d = dict(check_keys(d, cls, "anomalyfactory.localize", hidden=("quality_count", "quality_strategies")))
+        d = dict(check_keys(d, cls, "anomalyfactory.localize",
+                            hidden=("quality_count", "quality_strategies", "quality_references")))
         q = dict(quality or {})
-        unknown = sorted(set(q) - {"count", "strategies"})
+        unknown = sorted(set(q) - {"count", "strategies", "references"})
         if unknown:
-            raise ValueError(f"unknown anomalyfactory.quality key(s) {unknown}; valid keys are ['count', 'strategies']")
-        if "count" in q:
-            d["quality_count"] = q["count"]
-        if "strategies" in q:
-            d["quality_strategies"] = q["strategies"]
+            raise ValueError(f"unknown anomalyfactory.quality key(s) {unknown}; valid keys are ['count', 'references', "
+                             "'strategies']")
+        for key in ("count", "strategies", "references"):
+            if key in q:
+                d[f"quality_{key}"] = q[key]
         return cls(**d)
 
 
@@ -443,8 +454,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
                        pool: dict, regions: Path | None, fc: FlareConfig, man: ManipulateConfig, max_regions: int,
                        cfg: LocalizeConfig, evaluate_cfg: Mapping | None, device: torch.device) -> dict:
     """IS and cluster LPIPS of Boot and Flare on the same (reference, manipulated edge) pairs, per
-    category and region strategy (Tables 1-2; see the module doc)."""
-    from hybrid.evaluate import (EvaluateConfig, _fit, _score, inception_network, lpips_network, metric_settings,
+    dataset, category, region strategy and reference source (Tables 1-2; see the module doc)."""
+    from hybrid.stages.evaluate import (EvaluateConfig, _fit, _score, inception_network, lpips_network, metric_settings,
                                  pool_to_logits, read_images, sample_centres)
     from hybrid.metrics.kid import inception_pool
 
@@ -458,48 +469,71 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
     inception, is_weights = inception_network(ecfg)
     metric, lpips_weights = lpips_network(ecfg)
     manifest = real.drop(columns=["shard", "index"])
+    real = real if "dataset" in real.columns else real.assign(dataset="")
+    real = real.assign(dataset=real["dataset"].astype(str))
     normals = real[(real["split"] == "train") & (real["label"] == 0)]
-    for category in sorted(normals["category"].unique()):
-        cat_rows = normals[normals["category"] == category].sort_values("sample_id")
+    unknown = [r for r in cfg.quality_references if r != SELF and r not in set(normals["dataset"])]
+    if unknown:
+        raise ValueError(f"anomalyfactory.quality.references names {unknown}: no normal training images of such a "
+                         f"dataset; the manifest's datasets are {sorted(set(real['dataset']))} (or use {SELF!r})")
+    for (dataset, category), cat_rows in normals.groupby(["dataset", "category"], sort=True):
+        cat_rows = cat_rows.sort_values("sample_id")
         pick = cat_rows.sample(n=min(cfg.quality_count, len(cat_rows)), random_state=cfg.seed).sort_values("sample_id")
         arrays, _ = read_rows(pick, shard_dir, ["image", "edge"])
         images, edges = to_model(arrays["image"]), to_model(arrays["edge"])
         ids = pick["sample_id"].astype(str).tolist()
-        dataset = ",".join(sorted(set(pick["dataset"].astype(str)))) if "dataset" in pick else ""
-        centre_rows, centre_note = sample_centres(manifest, index, category, ecfg.n_centres, ecfg.seed)
+        own = manifest if manifest["dataset"].astype(str).nunique() < 2 else manifest[manifest["dataset"] == dataset]
+        centre_rows, centre_note = sample_centres(own, index, category, ecfg.n_centres, ecfg.seed)
         centres = _fit(read_images(centre_rows, shard_dir), arrays["image"].shape[1:3]) if len(centre_rows) >= 2 else None
+        references = {}  # source -> reference images, one per target: the same for every strategy and generator
+        for source in cfg.quality_references:
+            if source == SELF:
+                references[source] = images
+                continue
+            src = normals[normals["dataset"] == source]
+            others = src[~src["sample_id"].astype(str).isin(ids)]  # not the targets themselves, where it can
+            src = (others if len(others) else src).sort_values("sample_id")
+            rng = np.random.default_rng([cfg.seed, 13, *map(ord, f"{source}|{dataset}|{category}")])
+            take = src.iloc[rng.choice(len(src), size=len(pick), replace=len(src) < len(pick))]
+            ref_arrays, _ = read_rows(take, shard_dir, ["image"])
+            references[source] = to_model(_fit(ref_arrays["image"], arrays["image"].shape[1:3]))
         for strategy in cfg.quality_strategies:
             share = STRATEGIES[strategy]
             if share > 0 and not have_sem:
-                for gen in ("boot", "flare"):
-                    rows.append({"dataset": dataset, "category": category, "strategy": strategy, "generator": gen,
-                                 "n_images": 0,
-                                 "note": "no SAM candidate maps (anomalyfactory.flare.region_mix is 0, or the SAM "
-                                         "weights were absent): semantic regions unavailable"})
+                for source in cfg.quality_references:
+                    for gen in ("boot", "flare"):
+                        rows.append({"dataset": dataset, "category": category, "strategy": strategy,
+                                     "reference": source, "generator": gen, "n_images": 0,
+                                     "note": "no SAM candidate maps (anomalyfactory.flare.region_mix is 0, or the SAM "
+                                             "weights were absent): semantic regions unavailable"})
                 continue
             e = edit_batch(images, edges, ids, pool, store if have_sem else None, share, man, fc.manipulations,
                            max_regions, derive_seed(cfg.seed, 11, sum(map(ord, strategy))))
-            for gen, G, noise in (("boot", boot, 0.0), ("flare", flare, cfg.noise_std)):
-                out, _ = run_generator(G, images, e["edge"], noise, derive_seed(cfg.seed, 12), cfg.batch_size, device)
-                gen_images = to_uint8(out)
-                feats = inception_pool(gen_images, inception, batch_size=ecfg.batch_size, device=device, progress=False)
-                r = _score(pool_to_logits(feats, inception), gen_images, centres, metric, ecfg, device)
-                note = "; ".join(filter(None, [centre_note, None if centres is not None else
-                                               f"no cluster LPIPS: {len(centre_rows)} real test anomalies of "
-                                               f"{category!r} (2 needed as centres)"]))
-                lp = r.get("lpips", math.nan)
-                rows.append({"dataset": dataset, "category": category, "strategy": strategy, "generator": gen, **r,
-                             "lpips_x10": 10 * lp if lp is not None else math.nan,
-                             "n_semantic": int(e["semantic"].sum()), "note": note})
-                log.info("af_generation: %s / %s / %s: IS %.3f, LPIPS x10 %s", category, strategy, gen, r["is_mean"],
-                         f"{10 * lp:.3f}" if lp is not None and not math.isnan(lp) else "n/a")
+            for source, ref_images in references.items():
+                for gen, G, noise in (("boot", boot, 0.0), ("flare", flare, cfg.noise_std)):
+                    out, _ = run_generator(G, ref_images, e["edge"], noise, derive_seed(cfg.seed, 12), cfg.batch_size,
+                                           device)
+                    gen_images = to_uint8(out)
+                    feats = inception_pool(gen_images, inception, batch_size=ecfg.batch_size, device=device,
+                                           progress=False)
+                    r = _score(pool_to_logits(feats, inception), gen_images, centres, metric, ecfg, device)
+                    note = "; ".join(filter(None, [centre_note, None if centres is not None else
+                                                   f"no cluster LPIPS: {len(centre_rows)} real test anomalies of "
+                                                   f"{category!r} (2 needed as centres)"]))
+                    lp = r.get("lpips", math.nan)
+                    rows.append({"dataset": dataset, "category": category, "strategy": strategy, "reference": source,
+                                 "generator": gen, **r, "lpips_x10": 10 * lp if lp is not None else math.nan,
+                                 "n_semantic": int(e["semantic"].sum()), "note": note})
+                    log.info("af_generation: %s%s / %s / references %s / %s: IS %.3f, LPIPS x10 %s",
+                             f"{dataset} / " if dataset else "", category, strategy, source, gen, r["is_mean"],
+                             f"{10 * lp:.3f}" if lp is not None and not math.isnan(lp) else "n/a")
     table = pd.DataFrame(rows).reindex(columns=QUALITY_COLUMNS)
     means = []  # per dataset (Table 2's rows), then over every category
     groups = [(d, table[table["dataset"] == d]) for d in sorted(set(table["dataset"]))] if table["dataset"].nunique() > 1 \
         else []
     for dataset, sub in [*groups, ("(all)", table)]:
-        for (strategy, gen), part in sub.groupby(["strategy", "generator"], sort=False):
-            means.append({"dataset": dataset, "category": MEAN, "strategy": strategy, "generator": gen,
+        for (strategy, source, gen), part in sub.groupby(["strategy", "reference", "generator"], sort=False):
+            means.append({"dataset": dataset, "category": MEAN, "strategy": strategy, "reference": source, "generator": gen,
                           "n_images": int(part["n_images"].fillna(0).sum()), "is_mean": part["is_mean"].mean(),
                           "lpips": part["lpips"].mean(), "lpips_x10": part["lpips_x10"].mean(),
                           "note": f"mean over {int(part['is_mean'].notna().sum())} categories"})
@@ -508,7 +542,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
         table[c] = table[c].astype("Int64")
     return {"stage": "af_generation", "weights": {"inception_score": is_weights, "lpips": lpips_weights},
             "settings": metric_settings(ecfg), "count": cfg.quality_count,
-            "strategies": list(cfg.quality_strategies), "pairs": "reference = the normal image itself, its edge map "
-            "edited in the drawn regions; the same pairs go through Boot and Flare",
+            "strategies": list(cfg.quality_strategies), "references": list(cfg.quality_references),
+            "pairs": "target = a normal training image, its edge map edited in the drawn regions; reference = the image "
+            "itself (self) or a normal training image of the named dataset; the same pairs go through Boot and Flare",
             "rows": [{k: _plain(v) for k, v in r.items()} for r in table.astype(object).where(table.notna(), None)
                      .to_dict("records")], "table": table}

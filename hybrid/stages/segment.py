@@ -75,9 +75,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import PRECISIONS, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
-from hybrid.io import atomic_path, write_json_atomic, write_parquet_atomic
+from hybrid.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from hybrid.metrics.localization import PixelMetrics, binary_metrics, image_score
 from hybrid.models.unet import DiscriminativeSubNetwork, Segmenter, UNet, draem_weights_init
 from hybrid.viz import contact_sheet
@@ -100,11 +100,11 @@ TRAINING_KEYS = ("arch", "base_width", "input_size", "epochs", "epoch_length", "
 class SegmentConfig:
     """The ``segment`` config section. Defaults: AnomalyDiffusion's localisation recipe (see module doc)."""
 
-    arch: str = "draem"  # draem (DRAEM DiscriminativeSubNetwork, AnomalyDiffusion) | unet (milesial U-Net)
+    arch: str = choice(ARCHS, "draem")  # draem (DRAEM DiscriminativeSubNetwork, AnomalyDiffusion) | unet (U-Net)
     base_width: int = 64
-    variants: tuple[str, ...] = ("AHD", "AHE", "both")  # decoders whose generated anomalies train a model
+    variants: tuple[str, ...] = choice(tuple(DECODER_SETS), ("AHD", "AHE", "both"))  # decoders whose anomalies train
     plus_normals: tuple[bool, ...] = (False, True)  # false: AnoHybrid; true: + generated normals (AnoHybrid+)
-    depth: str | bool = "auto"  # auto | true | false: also a depth model from depth_generated (MVTec 3D-AD)
+    depth: str | bool = choice(("auto", True, False), "auto")  # also a depth model from depth_generated (MVTec 3D-AD)
     input_size: int | None = None  # None: the working resolution (draem: rounded up to a multiple of 32)
     epochs: int = 200
     epoch_length: int = 500  # training samples per epoch
@@ -118,14 +118,14 @@ class SegmentConfig:
     flip_tb: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
-    precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    precision: str = choice(PRECISIONS, "auto")  # auto: bf16 autocast on cuda, fp32 on cpu
     eval_batch_size: int = 16
     image_box: int = 21  # image score = max of the box x box mean filter of the map; 0: use image_sigma
     image_sigma: float = 0.0  # with image_box 0: Gaussian smoothing before the max (0 = the raw max)
     pixel_bins: int = 65536
     pro_max_fpr: float = 0.3
-    test_protocol: str = "eval"  # eval: leave out the protocol's base-set test anomalies | all
-    missing_masks: str = "error"  # test anomalies without a mask: error | skip (the category, listed)
+    test_protocol: str = choice(("eval", "all"), "eval")  # eval: leave out the protocol's base-set test anomalies
+    missing_masks: str = choice(("error", "skip"), "error")  # test anomalies without a mask: skip = the category
     strip_images: int = 8  # test images per category on the strip
     checkpoint_every: int = 500  # steps
     log_every: int = 100
@@ -136,16 +136,9 @@ class SegmentConfig:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
         if isinstance(self.depth, str) and self.depth.lower() in ("true", "false"):
             object.__setattr__(self, "depth", self.depth.lower() == "true")
-        checks = [("arch", self.arch in ARCHS, list(ARCHS)),
-                  ("depth", self.depth == "auto" or isinstance(self.depth, bool), ["auto", True, False]),
-                  ("precision", self.precision in ("auto", "fp32", "bf16"), ["auto", "fp32", "bf16"]),
-                  ("test_protocol", self.test_protocol in ("eval", "all"), ["eval", "all"]),
-                  ("missing_masks", self.missing_masks in ("error", "skip"), ["error", "skip"])]
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"segment.{key}={getattr(self, key)!r}: use one of {allowed}")
-        bad = [v for v in self.variants if v not in DECODER_SETS]
-        if bad or not self.variants or len(set(self.variants)) != len(self.variants):
+        check_choices(self, "segment")
+        check_device(self.device, "segment.device")
+        if not self.variants or len(set(self.variants)) != len(self.variants):
             raise ValueError(f"segment.variants {list(self.variants)}: give distinct entries of {list(DECODER_SETS)}")
         if not self.plus_normals or len(set(self.plus_normals)) != len(self.plus_normals):
             raise ValueError(f"segment.plus_normals {list(self.plus_normals)}: give false, true or both, once each")
@@ -162,8 +155,6 @@ class SegmentConfig:
             raise ValueError(f"segment.image_box={self.image_box} must be 0 or a positive odd size, image_sigma >= 0")
         if not 0 < self.pro_max_fpr <= 1 or self.lr <= 0 or self.lr_gamma <= 0:
             raise ValueError("segment: pro_max_fpr in (0, 1], lr and lr_gamma > 0")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ValueError(f"segment.device={self.device!r}: use auto, cpu or cuda[:N]")
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> SegmentConfig:
@@ -338,20 +329,8 @@ class Stopped(Exception):
 
 def _write_dir(path: Path, write) -> None:
     """Write a directory under a temporary name with ``write(tmp)``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _latest(work: Path) -> Path | None:

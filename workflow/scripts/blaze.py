@@ -1,11 +1,11 @@
 """Snakemake adapter: AnomalyFactory's BlazeDetector, learning from Flare's anomalies, resumable."""
 
 from hybrid.log import setup_logging
-from hybrid.stages.blaze import run_blaze
+from hybrid.stages.blaze import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 p = snakemake.params  # noqa: F821
-run_blaze(
+run(
     index=snakemake.input.index,  # noqa: F821
     manifest=snakemake.input.manifest,  # noqa: F821
     flare=snakemake.input.flare,  # noqa: F821
@@ -23,6 +23,6 @@ run_blaze(
     select=p.select,
     per_dataset=p.per_dataset,
     seed=p.seed,
-    weights=p.weights,
+    paths=p.paths,
     threads=snakemake.threads,  # noqa: F821
 )

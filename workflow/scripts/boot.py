@@ -1,11 +1,11 @@
 """Snakemake adapter: AnomalyFactory's BootGenerator (the train stage with the AF model forced)."""
 
 from hybrid.log import setup_logging
-from hybrid.stages.boot import run_boot
+from hybrid.stages.boot import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 p = snakemake.params  # noqa: F821
-run_boot(
+run(
     index=snakemake.input.index,  # noqa: F821
     manifest=snakemake.input.manifest,  # noqa: F821
     checkpoint=snakemake.output.checkpoint,  # noqa: F821
@@ -19,6 +19,6 @@ run_boot(
     select=p.select,
     per_dataset=p.per_dataset,
     seed=p.seed,
-    weights=p.weights,
+    paths=p.paths,
     threads=snakemake.threads,  # noqa: F821
 )

@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from hybrid.classify_stage import ClassifyStageConfig, run_classify_stage
+from hybrid.stages.classify import ClassifyStageConfig, run
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-cfg = ClassifyStageConfig.from_dict({**snakemake.params.classify, "paths": snakemake.params.weights})  # noqa: F821
-run_classify_stage(
+cfg = ClassifyStageConfig.from_dict({**snakemake.params.classify, "paths": snakemake.params.paths})  # noqa: F821
+run(
     snakemake.input.manifest,  # noqa: F821
     snakemake.input.index,  # noqa: F821
     snakemake.input.generated,  # noqa: F821

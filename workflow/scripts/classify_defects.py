@@ -12,5 +12,5 @@ run(
     snakemake.input.manifest,  # noqa: F821
     snakemake.input.index,  # noqa: F821
     Path(snakemake.output.json).parent,  # noqa: F821
-    ClassifyDefectsConfig.from_dict({**snakemake.params.classify_defects, "paths": snakemake.params.weights}),  # noqa: F821
+    ClassifyDefectsConfig.from_dict({**snakemake.params.classify_defects, "paths": snakemake.params.paths}),  # noqa: F821
 )

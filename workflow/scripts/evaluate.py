@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from hybrid.evaluate import EvaluateConfig, evaluate
+from hybrid.stages.evaluate import EvaluateConfig, run
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-cfg = EvaluateConfig.from_dict({**snakemake.params.evaluate, "paths": snakemake.params.weights})  # noqa: F821
-evaluate(
+cfg = EvaluateConfig.from_dict({**snakemake.params.evaluate, "paths": snakemake.params.paths})  # noqa: F821
+run(
     snakemake.input.generated,  # noqa: F821
     Path(snakemake.input.generated).parent,  # noqa: F821
     snakemake.input.manifest,  # noqa: F821

@@ -12,6 +12,6 @@ run(
     snakemake.output.json,  # noqa: F821
     snakemake.output.table,  # noqa: F821
     FewShotConfig.from_dict(snakemake.params.fewshot),  # noqa: F821
-    weights=snakemake.params.weights,  # noqa: F821
+    paths=snakemake.params.paths,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
 )

@@ -1,11 +1,11 @@
 """Snakemake adapter: AnomalyFactory's FlareGenerator, from the Boot checkpoint, resuming from its work folder."""
 
 from hybrid.log import setup_logging
-from hybrid.stages.flare import run_flare
+from hybrid.stages.flare import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 p = snakemake.params  # noqa: F821
-run_flare(
+run(
     index=snakemake.input.index,  # noqa: F821
     manifest=snakemake.input.manifest,  # noqa: F821
     boot=snakemake.input.boot,  # noqa: F821
@@ -22,6 +22,6 @@ run_flare(
     select=p.select,
     per_dataset=p.per_dataset,
     seed=p.seed,
-    weights=p.weights,
+    paths=p.paths,
     threads=snakemake.threads,  # noqa: F821
 )

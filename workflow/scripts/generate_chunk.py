@@ -4,13 +4,13 @@ in results/generated/, and their rows as the job's output."""
 from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
-from hybrid.generate import GenerateConfig, generate
+from hybrid.stages.generate import GenerateConfig, run
 from hybrid.io import write_parquet_atomic
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 cfg = GenerateConfig.from_dict(snakemake.params.generate)  # noqa: F821
-rows = generate(
+rows = run(
     snakemake.input.checkpoint,  # noqa: F821
     snakemake.input.index,  # noqa: F821
     read_manifest(snakemake.input.manifest),  # noqa: F821

@@ -4,11 +4,11 @@ sheets from the parts' shards, exactly as one generate job writes them."""
 from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
-from hybrid.generate import GenerateConfig, generate
+from hybrid.stages.generate import GenerateConfig, run
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-generate(
+run(
     snakemake.input.checkpoint,  # noqa: F821
     snakemake.input.index,  # noqa: F821
     read_manifest(snakemake.input.manifest),  # noqa: F821

@@ -4,9 +4,9 @@ from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
 from hybrid.log import setup_logging
-from hybrid.preprocess import PreprocessConfig, preprocess
+from hybrid.stages.preprocess import PreprocessConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "weights": snakemake.params.weights})  # noqa: F821
-preprocess(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg,  # noqa: F821
+cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "paths": snakemake.params.paths})  # noqa: F821
+run(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg,  # noqa: F821
            auto=snakemake.params.auto)  # noqa: F821 (what preprocess.* auto resolved to)

@@ -6,12 +6,12 @@ from pathlib import Path
 from hybrid.data.manifest import read_manifest
 from hybrid.io import write_parquet_atomic
 from hybrid.log import setup_logging
-from hybrid.preprocess import PreprocessConfig, preprocess
+from hybrid.stages.preprocess import PreprocessConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 p = snakemake.params  # noqa: F821
-cfg = PreprocessConfig.from_dict({**p.preprocess, "weights": p.weights})
+cfg = PreprocessConfig.from_dict({**p.preprocess, "paths": p.paths})
 shard_dir = Path(snakemake.output.records).parent.parent  # noqa: F821 (results/shards/chunks/<part>.parquet)
-skipped = preprocess(read_manifest(snakemake.input.manifest), shard_dir, cfg, auto=p.auto,  # noqa: F821
+skipped = run(read_manifest(snakemake.input.manifest), shard_dir, cfg, auto=p.auto,  # noqa: F821
                      part=(int(snakemake.wildcards.chunk), cfg.chunks))  # noqa: F821
 write_parquet_atomic(skipped, snakemake.output.records)  # noqa: F821

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
 from hybrid.log import setup_logging
-from hybrid.preprocess import PreprocessConfig, gather
+from hybrid.stages.preprocess import PreprocessConfig, gather
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "weights": snakemake.params.weights})  # noqa: F821
+cfg = PreprocessConfig.from_dict({**snakemake.params.preprocess, "paths": snakemake.params.paths})  # noqa: F821
 gather(read_manifest(snakemake.input.manifest), Path(snakemake.output.index).parent, cfg,  # noqa: F821
        list(snakemake.input.records))  # noqa: F821

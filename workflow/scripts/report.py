@@ -1,11 +1,11 @@
 """Snakemake adapter: write results/report/index.html from the run's result files."""
 
 from hybrid.log import setup_logging
-from hybrid.report import build_report
+from hybrid.stages.report import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 inputs = snakemake.input  # noqa: F821
-build_report(
+run(
     snakemake.output.html,  # noqa: F821
     config=snakemake.params.config,  # noqa: F821
     auto_notes=snakemake.params.auto,  # noqa: F821

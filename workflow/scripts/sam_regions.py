@@ -10,6 +10,6 @@ run_sam_regions(
     out=snakemake.output.regions,  # noqa: F821
     cfg=p.sam,
     fallback=p.fallback,
-    weights=p.weights,
+    paths=p.paths,
     threads=snakemake.threads,  # noqa: F821
 )

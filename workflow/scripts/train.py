@@ -1,11 +1,11 @@
 """Snakemake adapter: train AnomalyHybrid on results/shards, resuming from the work folder."""
 
 from hybrid.log import setup_logging
-from hybrid.train_stage import run_train_stage
+from hybrid.stages.train import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 p = snakemake.params  # noqa: F821
-run_train_stage(
+run(
     index=snakemake.input.index,  # noqa: F821
     manifest=snakemake.input.manifest,  # noqa: F821
     checkpoint=snakemake.output.checkpoint,  # noqa: F821
@@ -16,7 +16,7 @@ run_train_stage(
     train_cfg=p.train,
     augment_cfg=p.augment,
     select=p.select,
-    weights=p.weights,
+    paths=p.paths,
     threads=snakemake.threads,  # noqa: F821
     init_from=snakemake.input.get("init"),  # noqa: F821 (train_depth: start from the RGB-level weights)
 )

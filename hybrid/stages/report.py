@@ -658,21 +658,46 @@ def anomalyfactory_section(loc: Mapping) -> str:
         q = pd.DataFrame(quality.get("rows") or [])
         w = quality.get("weights", {})
         body.append(f'<h3>Generation quality: BootGenerator vs FlareGenerator (the layout of paper 002 Tables 1-2)</h3>'
-                    f'<p class="note">IS&thinsp;↑ / cluster LPIPS×10&thinsp;↑ per category, region strategy and '
-                    f'generator, {esc(quality.get("count"))} images each; {esc(quality.get("pairs", ""))}. Inception '
+                    f'<p class="note">IS&thinsp;↑ / cluster LPIPS×10&thinsp;↑ per dataset, category, region strategy, '
+                    f'reference source and generator, {esc(quality.get("count"))} images each; {esc(quality.get("pairs", ""))}. Inception '
                     f'weights: {badge(w.get("inception_score", "?"))} LPIPS weights: {badge(w.get("lpips", "?"))}</p>')
         if not q.empty:
+            for c, default in (("dataset", ""), ("reference", "self")):
+                q[c] = q[c].fillna(default).astype(str) if c in q.columns else default
             q = q.assign(cell=[f"{_fmt(a, 2)} / {_fmt(b, 2)}" if not _missing(a) else "–"
-                               for a, b in zip(q["is_mean"], q["lpips_x10"])],
-                         col=[f"{s} · {g}" for s, g in zip(q["strategy"], q["generator"])],
-                         row=[c if c != "(mean)" else f"(mean) {d}" for c, d in zip(q["category"], q.get(
-                             "dataset", pd.Series([""] * len(q))).fillna(""))])
-            pivot = q.pivot(index="row", columns="col", values="cell").fillna("–")
+                               for a, b in zip(q["is_mean"], q["lpips_x10"])])
+            datasets = [d for d in dict.fromkeys(q.loc[q["category"] != "(mean)", "dataset"])]
+            refs = list(dict.fromkeys(q["reference"]))
+            # Table 1's layout: categories x (region strategy, generator), the images' own references
+            t1 = q[q["reference"] == ("self" if "self" in refs else refs[0])]
+            t1 = t1.assign(col=[f"{s} · {g}" for s, g in zip(t1["strategy"], t1["generator"])],
+                           row=[(f"{d} / {c}" if len(datasets) > 1 else c) if c != "(mean)" else f"(mean) {d}"
+                                for c, d in zip(t1["category"], t1["dataset"])])
+            pivot = t1.pivot(index="row", columns="col", values="cell").fillna("–")
             cats = [c for c in pivot.index if not c.startswith("(mean)")] + [c for c in pivot.index
                                                                             if c.startswith("(mean)")]
-            cols = list(dict.fromkeys(q["col"]))
+            cols = list(dict.fromkeys(t1["col"]))
+            if len(refs) > 1:
+                body.append(f'<p class="note">Per category and region strategy, references: {esc(t1["reference"].iloc[0])}'
+                            '.</p>')
             body.append(table(pivot.loc[cats, cols], num=tuple(cols), index=True))
-            notes = q[q["note"].fillna("") != ""][["category", "strategy", "generator", "note"]].drop_duplicates()
+            if len(refs) > 1 or len(datasets) > 1:
+                # Table 2's layout: datasets x (reference source, generator), means over the categories
+                strategies = list(dict.fromkeys(q["strategy"]))
+                strategy = "mixed" if "mixed" in strategies else strategies[0]
+                m = q[(q["category"] == "(mean)") & (q["strategy"] == strategy)]
+                m = m.assign(col=[f"{r} · {g}" for r, g in zip(m["reference"], m["generator"])],
+                             row=[d if d != "(all)" else "(mean)" for d in m["dataset"]])
+                t2 = m.pivot(index="row", columns="col", values="cell").fillna("–")
+                order = [d for d in datasets if d in t2.index] + [r for r in t2.index if r not in datasets]
+                cols2 = list(dict.fromkeys(m["col"]))
+                body.append(f'<h4>Per dataset and reference source ({esc(strategy)} regions; the layout of paper 002 '
+                            'Table 2): IS&thinsp;↑ / LPIPS×10&thinsp;↑, means over each dataset\'s categories; '
+                            '"self" = each image its own reference, a dataset name = reference colours from that '
+                            'dataset\'s normal images, the targets\' edited edges the same</h4>')
+                body.append(table(t2.loc[order, cols2], num=tuple(cols2), index=True))
+            notes = q[q["note"].fillna("") != ""][["dataset", "category", "strategy", "reference", "generator",
+                                                  "note"]].drop_duplicates()
             if not notes.empty:
                 body.append("<details><summary>Notes</summary>" + table(notes) + "</details>")
     for category, paths in (loc.get("strips") or {}).items():
@@ -694,7 +719,7 @@ def _read_json(path: str | Path | None) -> dict | None:
     return json.loads(Path(path).read_text()) if path is not None and Path(path).exists() else None
 
 
-def build_report(
+def run(
     out_html: str | Path,
     *,
     config: Mapping | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -21,22 +20,23 @@ import torch
 from hybrid.data.manifest import matches, read_manifest
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.models.generator import DEFAULT_CONDITIONS
+from hybrid.checkpoint import PUBLISHED, keep_published
 from hybrid.train import train
 
 log = logging.getLogger(__name__)
 DEFAULT_SELECT = {"split": "train", "label": 0}  # learn from normal training images alone
 
 
-def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
+def run(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
                     samples: str | Path, work_root: str | Path, model_cfg: dict, train_cfg: dict,
-                    augment_cfg: dict, select: dict | None = None, weights: dict | None = None,
+                    augment_cfg: dict, select: dict | None = None, paths: dict | None = None,
                     threads: int = 1, init_from: str | Path | None = None) -> Path:
     torch.set_num_threads(max(1, threads))
     index, work_root = Path(index), Path(work_root)
     select = DEFAULT_SELECT if select is None else select
     train_cfg = dict(train_cfg)
-    if train_cfg.get("perceptual", "vgg19") == "vgg19" and not train_cfg.get("vgg_path") and weights:
-        train_cfg["vgg_path"] = weights.get("vgg19")
+    if train_cfg.get("perceptual", "vgg19") == "vgg19" and not train_cfg.get("vgg_path") and paths:
+        train_cfg["vgg_path"] = paths.get("vgg19")
 
     rows = read_manifest(manifest)
     chosen = set(rows.loc[matches(rows, select, "train.select"), "sample_id"])
@@ -83,30 +83,6 @@ def run_train_stage(index: str | Path, manifest: str | Path, checkpoint: str | P
             shutil.rmtree(other, ignore_errors=True)
             log.info("train: removed the superseded work folder %s (the checkpoint of this run is published)", other)
     return out
-
-
-PUBLISHED = "published"  # under work_root: a copy of the last published checkpoint
-
-
-def keep_published(checkpoint: Path, kept: Path) -> None:
-    """Hard-link the published checkpoint into ``kept`` (no extra disk), replacing the older copy,
-    so a later failed run (whose start removes the Snakemake output) never loses it."""
-    tmp = kept.with_name(f".{kept.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(checkpoint, tmp, copy_function=link)
-    old = kept.with_name(f".{kept.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if kept.exists():
-        os.rename(kept, old)
-    os.rename(tmp, kept)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def choose_depth(wanted: str, shard: Path, needed: bool) -> str:

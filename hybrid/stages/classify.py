@@ -35,7 +35,7 @@ from hybrid.classify import (
     model_fingerprint,
     run_classification,
 )
-from hybrid.config import resolve_device
+from hybrid.config import WEIGHT_MODES, check_choices, check_device, choice, resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 STAND_IN = "random stand-in (numbers not comparable to papers)"
 DECODERS = ("AHD", "AHE")
+SPLITS = ("val", "test")  # the Heliconius reference CSVs (ref_val.csv, ref_test.csv)
 CHUNK = 256  # images read and featurised at a time (memory stays flat)
 RESULT_COLUMNS = ["head", "train_set", "n_train", "n_generated", "major_recall", "minor_recall", "mimic_recall",
                   "challenge_score", "species_a_threshold", "mimic_threshold", "weights"]
@@ -58,22 +59,23 @@ RESULT_COLUMNS = ["head", "train_set", "n_train", "n_generated", "major_recall",
 class ClassifyStageConfig:
     """The ``classify`` config section: stage keys here, head hyper-parameters in ``head``."""
 
-    weights: str = "auto"  # auto | real | random
+    weights: str = choice(WEIGHT_MODES, "auto")
     model: str = "dinov2_base"  # a model-store name (dinov2_small/base/large/giant) or a directory
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
-    heads: tuple[str, ...] = ("linear", "sgd")  # add "max" for Max(Linear, SGD)
-    split: str = "test"  # the manifest split the reference CSV describes
+    heads: tuple[str, ...] = choice((*HEADS, "max"), ("linear", "sgd"))  # add "max" for Max(Linear, SGD)
+    split: str = choice(SPLITS, "test")  # the manifest split the reference CSV describes
     head: HeadConfig = HeadConfig()
     paths: Mapping[str, str] = field(default_factory=dict)  # store name -> explicit weights
 
     def __post_init__(self) -> None:
-        if self.weights not in ("auto", "real", "random"):
-            raise ValueError(f"classify.weights {self.weights!r}: use auto, real or random")
+        object.__setattr__(self, "heads", tuple(self.heads))
         unknown = sorted(set(self.heads) - {*HEADS, "max"})
         if unknown or not self.heads:
             raise ValueError(f"classify.heads {list(self.heads)}: choose from {[*HEADS, 'max']}")
+        check_choices(self, "classify")
+        check_device(self.device, "classify.device")
         if "max" in self.heads and not set(HEADS) <= set(self.heads):
             raise ValueError("classify.heads: 'max' is the larger of the linear and sgd scores; list both heads too")
 
@@ -83,8 +85,6 @@ class ClassifyStageConfig:
         d = dict(d or {})
         stage = {f.name for f in fields(cls)} - {"head"}
         own = {k: d.pop(k) for k in list(d) if k in stage}
-        if "heads" in own:
-            own["heads"] = tuple(own["heads"])
         own["paths"] = dict(own.get("paths") or {})
         return cls(**own, head=HeadConfig.from_dict(d))
 
@@ -104,16 +104,10 @@ def random_dinov2(seed: int = 0) -> Dinov2Model:
 
 def feature_model(cfg: ClassifyStageConfig) -> tuple[Dinov2Model, str, str]:
     """(model, weights label, cache name): the configured DINOv2, or the random stand-in."""
-    if cfg.weights != "random":
-        try:
-            path = Path(cfg.model) if Path(cfg.model).is_dir() else store.locate(cfg.model, cfg.paths.get(cfg.model))
-            model = load_dinov2(str(path))
-            return model, f"real: {path.name}", path.name
-        except store.MissingWeightsError as e:
-            if cfg.weights == "real":
-                raise
-            log.warning("%s: weights not found, using a RANDOM STAND-IN DINOv2; its numbers are not comparable "
-                        "to papers (set weights: real to fail instead). %s", cfg.model, e)
+    path = Path(cfg.model) if cfg.weights != "random" and Path(cfg.model).is_dir() else \
+        store.resolve_mode(cfg.model, cfg.weights, cfg.paths.get(cfg.model), what="DINOv2")
+    if path is not None:
+        return load_dinov2(str(path)), f"real: {path.name}", path.name
     model = random_dinov2(cfg.seed)
     return model, STAND_IN, model.config.name_or_path
 
@@ -185,7 +179,7 @@ def _prune_cache(model: Dinov2Model, cache_dir: Path, cache_name: str, used: set
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_classify_stage(
+def run(
     manifest: str | Path | pd.DataFrame,
     shard_index: str | Path,
     generated_manifest: str | Path | pd.DataFrame | None,

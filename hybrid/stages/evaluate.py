@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from hybrid.config import check_keys, resolve_device
+from hybrid.config import WEIGHT_MODES, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
@@ -44,6 +44,7 @@ from hybrid.metrics.kid import inception_pool, kid_from_features
 from hybrid.metrics.lpips import LPIPS, NETS, load_lpips
 from hybrid.models import store
 from hybrid.models.inception import InceptionV3Compat, load_inception
+from hybrid.planning import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,14 @@ COLUMNS = ["category", "decoder", "n_images", "is_mean", "is_std", "is_splits", 
 class EvaluateConfig:
     """The ``evaluate`` config section (plus ``paths``: store name -> explicit weights file)."""
 
-    weights: str = "auto"  # auto | real | random
+    weights: str = choice(WEIGHT_MODES, "auto")
     device: str = "auto"  # auto | cpu | cuda[:N]
     batch_size: int = 16
-    kinds: tuple[str, ...] | str = "auto"  # generated kinds scored; auto: [local] industrial, else [global, local]
+    # generated kinds scored; auto: [local] industrial, else [global, local]
+    kinds: tuple[str, ...] | str = choice(KINDS, "auto", alone=("auto",))
     is_splits: int = 10
     is_seed: int = 2020
-    lpips_net: str = "vgg"  # vgg | alex | squeeze
+    lpips_net: str = choice(tuple(NETS), "vgg")
     lpips_cap: int = 50
     lpips_min_size: int = 2
     n_centres: int = 100
@@ -78,12 +80,10 @@ class EvaluateConfig:
     paths: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.weights not in ("auto", "real", "random"):
-            raise ValueError(f"evaluate.weights {self.weights!r}: use auto, real or random")
-        if self.lpips_net not in NETS:
-            raise ValueError(f"evaluate.lpips_net {self.lpips_net!r}: use one of {sorted(NETS)}")
-        if isinstance(self.kinds, str) and self.kinds != "auto":
-            raise ValueError(f"evaluate.kinds {self.kinds!r}: use auto or a list of generated kinds")
+        if isinstance(self.kinds, list):
+            object.__setattr__(self, "kinds", tuple(self.kinds))
+        check_choices(self, "evaluate")
+        check_device(self.device, "evaluate.device")
         if self.kid_subsets < 1 or self.kid_subset_size < 2:
             raise ValueError(f"evaluate: kid_subsets ({self.kid_subsets}) must be >= 1 and kid_subset_size "
                              f"({self.kid_subset_size}) >= 2")
@@ -94,8 +94,6 @@ class EvaluateConfig:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> EvaluateConfig:
         d = check_keys(d, cls, "evaluate")
-        if "kinds" in d and not isinstance(d["kinds"], str):
-            d["kinds"] = tuple(d["kinds"])
         d["paths"] = dict(d.get("paths") or {})
         return cls(**d)
 
@@ -103,30 +101,9 @@ class EvaluateConfig:
 # ----------------------------------------------------------------------------- feature networks
 
 
-def _present(name: str, paths: Mapping[str, str]) -> Path | None:
-    """The file of a registered weight if it is already here (never downloads)."""
-    if paths.get(name):
-        p = Path(paths[name]).expanduser()
-        return p if p.exists() else None
-    spec = store.get_spec(name)
-    return next((root / spec.relpath for _, root in store.search_roots() if (root / spec.relpath).is_file()), None)
-
-
 def resolve_weights(name: str, mode: str, paths: Mapping[str, str]) -> Path | None:
-    """The real file of ``name`` (``real``/``auto``), or None for a random stand-in.
-
-    ``real`` raises the store's MissingWeightsError; ``auto`` falls back to None with a warning.
-    """
-    if mode == "random":
-        return None
-    try:
-        return store.locate(name, paths.get(name))
-    except store.MissingWeightsError as e:
-        if mode == "real":
-            raise
-        log.warning("%s: weights not found, using a RANDOM STAND-IN; its numbers are not comparable to "
-                    "papers (set weights: real to fail instead). %s", name, e)
-        return None
+    """The real file of ``name``, or None for a random stand-in (:func:`hybrid.models.store.resolve_mode`)."""
+    return store.resolve_mode(name, mode, paths.get(name))
 
 
 @torch.no_grad()
@@ -163,7 +140,7 @@ def lpips_network(cfg: EvaluateConfig) -> tuple[LPIPS, str]:
     spec = NETS[cfg.lpips_net]
     backbone = resolve_weights(spec["backbone"], cfg.weights, cfg.paths)
     linear = (resolve_weights(spec["linear"], cfg.weights, cfg.paths) if cfg.weights != "random"
-              else _present(spec["linear"], cfg.paths))
+              else store.present(spec["linear"], cfg.paths))
     if backbone is not None and linear is not None:
         model = load_lpips(cfg.lpips_net, backbone, linear)
         return model, f"real: {backbone.name} + {spec['linear']} ({linear.name})"
@@ -285,7 +262,7 @@ def _score(logits: np.ndarray, images: np.ndarray, centres: np.ndarray | None, m
     return out
 
 
-def evaluate(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path,
+def run(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path,
              manifest: str | Path | pd.DataFrame, shard_index: str | Path, out_dir: str | Path,
              cfg: EvaluateConfig | Mapping | None = None) -> dict:
     """Score the generated images; write ``out_dir/evaluate.json`` and ``out_dir/evaluate.parquet``.

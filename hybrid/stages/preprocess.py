@@ -44,19 +44,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from hybrid.config import check_keys, resolve_device
-from hybrid.data.images import ImageError, fit, probe, read_capped, read_image, read_mask
-from hybrid.data.shards import build_index, shard_is_current, shard_name, write_shard
+from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
+from hybrid.data.images import FITS, ImageError, fit, probe, read_capped, read_image, read_mask
+from hybrid.data.shards import ShardSet, part_range, build_index, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
+from hybrid.maps import EDGE_MODELS, MapComputer
 from hybrid.models.depth import sensor_nearness, to_uint16
 
 log = logging.getLogger(__name__)
 
-EDGE_MODELS = ("pidinet", "pidinet_small", "pidinet_tiny", "canny", "none")
 DEPTH_SOURCES = ("depth_anything_small", "depth_anything_base", "depth_anything_large", "sensor", "dataset", "none")
 SENSOR_SOURCES = ("sensor", "dataset")
 MAPS_AT = ("working", "original")
 SENSOR_DEPTH = ("auto", True, False)
+BAD_IMAGES = ("error", "skip")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MASK_MISMATCH = ("resize", "error")
 # Settings that change how fast, never what: left out of the shard fingerprint.
 _RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels", "chunks")
 
@@ -64,48 +67,44 @@ _RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels", "chunks
 @dataclass
 class PreprocessConfig:
     resolution: int = 256
-    fit: str = "stretch"  # stretch | crop | pad (see hybrid.data.images.fit)
+    fit: str = choice(FITS, "stretch")  # see hybrid.data.images.fit
     shard_size: int = 1024
-    bad_images: str = "error"  # error | skip (skipped files are listed in skipped.csv and the log)
+    bad_images: str = choice(BAD_IMAGES, "error")  # skip: skipped files are listed in skipped.csv and the log
     max_pixels: int = 200_000_000
-    edge_model: str = "pidinet"
-    depth_source: str = "depth_anything_small"
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 depth on cuda, fp32 elsewhere) | fp32 | bf16 | fp16
+    edge_model: str = choice(EDGE_MODELS, "pidinet")  # config `auto` is resolved by hybrid.autoconf first
+    depth_source: str = choice(DEPTH_SOURCES, "depth_anything_small")  # likewise
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = choice(PRECISIONS, "auto")  # auto: bf16 depth on cuda, fp32 elsewhere
     batch_size: int = 16
     workers: int = 2
-    weights: dict[str, str] = field(default_factory=dict)  # store name -> explicit path
-    maps_at: str = "working"  # working | original (see the module docstring)
+    paths: dict[str, str] = field(default_factory=dict)  # store name -> explicit weights (models.paths)
+    maps_at: str = choice(MAPS_AT, "working")  # see the module docstring
     maps_max_pixels: int = 4_194_304  # maps_at original: larger images are reduced to this (2048^2)
     maps_batch_pixels: int = 16_777_216  # maps_at original: pixels per batch of originals (16 x 1024^2)
-    sensor_depth: str | bool = "auto"  # auto | true | false: also store depth_sensor (see sensor_depth_wanted)
-    mask_mismatch: str = "resize"  # a mask of another size than its image: resize (with a warning) | error
+    sensor_depth: str | bool = choice(SENSOR_DEPTH, "auto")  # also store depth_sensor (see sensor_depth_wanted)
+    mask_mismatch: str = choice(MASK_MISMATCH, "resize")  # a mask of another size than its image: resize (warns)
     chunks: int = 1  # the workflow's scatter: this many jobs, each writing a range of shards, then a gather
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        cfg = cls(**check_keys(d, cls, "preprocess"))
-        if isinstance(cfg.sensor_depth, str) and cfg.sensor_depth.lower() in ("true", "false"):
-            cfg.sensor_depth = cfg.sensor_depth.lower() == "true"  # from a --config override
-        for key, value, choices in (("edge_model", cfg.edge_model, EDGE_MODELS),
-                                    ("depth_source", cfg.depth_source, DEPTH_SOURCES),
-                                    ("bad_images", cfg.bad_images, ("error", "skip")),
-                                    ("device", cfg.device, ("auto", "cpu", "cuda")),
-                                    ("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16")),
-                                    ("maps_at", cfg.maps_at, MAPS_AT),
-                                    ("sensor_depth", cfg.sensor_depth, SENSOR_DEPTH),
-                                    ("mask_mismatch", cfg.mask_mismatch, ("resize", "error"))):
-            if not any(value is c or (isinstance(c, str) and value == c) for c in choices):
-                raise ValueError(f"preprocess.{key}: {value!r} is not one of {list(choices)}")
-        if cfg.maps_max_pixels < cfg.resolution ** 2:
-            raise ValueError(f"preprocess.maps_max_pixels: {cfg.maps_max_pixels} is below the working size "
-                             f"{cfg.resolution}x{cfg.resolution}; maps at 'original' size would be smaller than "
+    def __post_init__(self) -> None:
+        if isinstance(self.sensor_depth, str) and self.sensor_depth.lower() in ("true", "false"):
+            self.sensor_depth = self.sensor_depth.lower() == "true"  # from a --config override
+        check_choices(self, "preprocess")
+        check_device(self.device, "preprocess.device")
+        if self.maps_max_pixels < self.resolution ** 2:
+            raise ValueError(f"preprocess.maps_max_pixels: {self.maps_max_pixels} is below the working size "
+                             f"{self.resolution}x{self.resolution}; maps at 'original' size would be smaller than "
                              "the working ones (raise it, or use maps_at: working)")
-        if cfg.maps_batch_pixels < 1:
-            raise ValueError(f"preprocess.maps_batch_pixels: {cfg.maps_batch_pixels} must be at least 1")
-        if cfg.chunks < 1:
-            raise ValueError(f"preprocess.chunks: {cfg.chunks} must be at least 1 (1 = one job)")
-        return cfg
+        if self.maps_batch_pixels < 1:
+            raise ValueError(f"preprocess.maps_batch_pixels: {self.maps_batch_pixels} must be at least 1")
+        if self.chunks < 1:
+            raise ValueError(f"preprocess.chunks: {self.chunks} must be at least 1 (1 = one job)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        if d and "weights" in d:
+            raise ValueError("preprocess: the store name -> weights file overrides are called `paths` now (as in "
+                             "every stage; the workflow passes models.paths); rename `weights` to `paths`")
+        return cls(**check_keys(d, cls, "preprocess"))
 
 
 def sensor_depth_wanted(manifest: pd.DataFrame, cfg: PreprocessConfig) -> bool:
@@ -200,7 +199,8 @@ def fingerprint(rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool = 
     Keys added after shards were first written enter the hash only when they change the output
     (maps_at original, a stored depth_sensor), so shards written before them stay current.
     """
-    settings = {k: v for k, v in asdict(cfg).items()
+    # `paths` is hashed under its former name `weights`, so shards written before the rename stay current.
+    settings = {("weights" if k == "paths" else k): v for k, v in asdict(cfg).items()
                 if k not in (*_RUNTIME_KEYS, "maps_at", "maps_max_pixels", "sensor_depth")}
     if cfg.maps_at != "working":
         settings |= {"maps_at": cfg.maps_at, "maps_max_pixels": cfg.maps_max_pixels}
@@ -220,83 +220,28 @@ def fingerprint(rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool = 
     return h.hexdigest()
 
 
-class _Maps:
-    """Edge and depth networks, loaded once, applied to a batch of uint8 images."""
+def map_computer(cfg: PreprocessConfig, device: torch.device) -> MapComputer:
+    """The edge and depth networks of ``cfg`` (shared with :class:`hybrid.pipeline.HybridPipeline`)."""
+    return MapComputer(cfg.edge_model, cfg.depth_source, device, cfg.paths, cfg.precision)
 
-    def __init__(self, cfg: PreprocessConfig, device: torch.device) -> None:
-        from hybrid.models.edges import make_edge_detector
 
-        self.cfg = cfg
-        self.device = device
-        cuda = device.type == "cuda"
-        p = cfg.precision
-        self.edge_precision = "fp32" if p == "auto" else p
-        self.depth_precision = ("bf16" if cuda else "fp32") if p == "auto" else p
-        self.edge = None
-        if cfg.edge_model != "none":
-            self.edge = make_edge_detector(cfg.edge_model, device, cfg.weights.get(cfg.edge_model),
-                                           precision=self.edge_precision)
-        self.depth = None
-        if cfg.depth_source.startswith("depth_anything"):
-            from hybrid.models.depth import load_depth_anything
-
-            self.depth = load_depth_anything(cfg.weights.get(cfg.depth_source, cfg.depth_source), device)
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps of working-size images (B,H,W,3), encoded for the shards."""
-        out: dict[str, np.ndarray] = {}
-        batch = torch.from_numpy(images).to(self.device)
-        if self.edge is not None:
-            e = self.edge(batch).float().clamp(0, 1)
-            out["edge"] = (e * 255).round().to(torch.uint8).cpu().numpy()
-        if self.depth is not None:
-            from hybrid.models.depth import predict_depth
-
-            d = predict_depth(self.depth, batch, precision=self.depth_precision)
-            out["depth"] = to_uint16(d.cpu().numpy())
-        return out
-
-    def at_original(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps of same-size originals (B,H,W,3), computed at that size, then fitted to the working
-        resolution like the image (float maps, area interpolation) and encoded for the shards."""
-        size, how = self.cfg.resolution, self.cfg.fit
-        out: dict[str, np.ndarray] = {}
-        batch = torch.from_numpy(images).to(self.device)
-        if self.edge is not None:
-            e = self.edge(batch).float().clamp(0, 1).cpu().numpy()
-            e = np.stack([fit(m, size, how) for m in e]).clip(0, 1)
-            out["edge"] = np.round(e * np.float32(255)).astype(np.uint8)
-        if self.depth is not None:
-            from hybrid.models.depth import predict_depth
-
-            d = predict_depth(self.depth, batch, precision=self.depth_precision).numpy()
-            out["depth"] = to_uint16(np.stack([fit(m, size, how) for m in d]))
-        return out
-
-    def attrs(self) -> dict[str, str]:
-        from hybrid.models.store import REGISTRY
-
-        def source(name: str) -> str:
-            if name in self.cfg.weights:
-                return str(self.cfg.weights[name])
-            spec = REGISTRY.get(name)
-            return (spec.hub_id or spec.filename) if spec else name
-
-        return {
-            "edge_model": self.cfg.edge_model,
-            "edge_weights": source(self.cfg.edge_model) if self.cfg.edge_model.startswith("pidinet") else "",
-            "depth_source": self.cfg.depth_source,
-            "depth_weights": source(self.cfg.depth_source) if self.depth is not None else "",
-            "maps_at": self.cfg.maps_at,
-            **({"maps_max_pixels": self.cfg.maps_max_pixels} if self.cfg.maps_at == "original" else {}),
-        }
+def map_attrs(cfg: PreprocessConfig, maps: MapComputer) -> dict[str, object]:
+    """The shard attributes that say how the maps were made (read back by train and generation)."""
+    return {
+        "edge_model": cfg.edge_model,
+        "edge_weights": maps.weight_source(cfg.edge_model) if cfg.edge_model.startswith("pidinet") else "",
+        "depth_source": cfg.depth_source,
+        "depth_weights": maps.weight_source(cfg.depth_source) if maps.depth is not None else "",
+        "maps_at": cfg.maps_at,
+        **({"maps_max_pixels": cfg.maps_max_pixels} if cfg.maps_at == "original" else {}),
+    }
 
 
 class _Pending:
     """Decoded items waiting for their maps, grouped by the size the maps run at; a group runs
     as one batch when it is full (``run_full``) or whatever it holds (``run_all``)."""
 
-    def __init__(self, maps: _Maps, cfg: PreprocessConfig) -> None:
+    def __init__(self, maps: MapComputer, cfg: PreprocessConfig) -> None:
         self.maps, self.cfg = maps, cfg
         self.original = cfg.maps_at == "original"
         self.groups: dict[tuple[int, int], list[dict]] = {}
@@ -331,7 +276,8 @@ class _Pending:
 
     def _run(self, items: list[dict]) -> None:
         if self.original:
-            maps_out = self.maps.at_original(np.stack([it.pop("original") for it in items]))
+            maps_out = self.maps.at_original(np.stack([it.pop("original") for it in items]), self.cfg.resolution,
+                                             self.cfg.fit)
         else:
             maps_out = self.maps(np.stack([it["image"] for it in items]))
         for k, it in enumerate(items):
@@ -342,15 +288,8 @@ class _Pending:
 SKIPPED_COLUMNS = ["shard", "sample_id", "path", "reason"]
 
 
-def part_range(n: int, part: int, parts: int) -> range:
-    """The ``part``-th (0-based) of ``parts`` contiguous ranges that split ``range(n)`` evenly."""
-    if not 0 <= part < parts:
-        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
-    return range(part * n // parts, (part + 1) * n // parts)
-
-
-def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig,
-               auto: list[str] | None = None, part: tuple[int, int] | None = None) -> pd.DataFrame:
+def run(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig,
+        auto: list[str] | None = None, part: tuple[int, int] | None = None) -> pd.DataFrame:
     """Write ``out_dir/shard-*.h5``, ``out_dir/index.parquet`` and ``out_dir/skipped.parquet``.
 
     Returns the index (sample_id, shard, index). Shards whose fingerprint matches are kept.
@@ -360,18 +299,31 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     ``part`` = (k, K): write only the k-th of K contiguous ranges of shards (one job of the
     workflow's scatter, ``preprocess.chunks``) and return that range's skipped records (columns
     :data:`SKIPPED_COLUMNS`) instead of the index; :func:`gather` then writes the index and
-    skipped.parquet from the K records, exactly as one job would have.
+    skipped.parquet from the K records, exactly as one job would have. A failure leaves the last
+    complete shard set in ``out_dir/.published`` and says so.
     """
+    try:
+        return _run(manifest, out_dir, cfg, auto, part)
+    except BaseException as e:
+        note = ShardSet(out_dir, 0, "preprocess").kept_note()
+        if note:
+            log.error("preprocess failed: %s", note)
+            e.add_note(note)
+        raise
+
+
+def _run(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig, auto: list[str] | None,
+         part: tuple[int, int] | None) -> pd.DataFrame:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     sensor = cfg.depth_source in SENSOR_SOURCES
     store_sensor = sensor_depth_wanted(manifest, cfg)
     n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
     mine = part_range(n_shards, *part) if part is not None else range(n_shards)
+    shards = ShardSet(out_dir, n_shards, "preprocess")
     chunks = {i: manifest.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in mine}
     prints = {i: fingerprint(c, cfg, store_sensor) for i, c in chunks.items()}
-    todo = [i for i in mine if not shard_is_current(out_dir / shard_name(i), prints[i])]
+    todo = shards.todo(mine, prints)
     log.info("preprocess: %d images in %d shards (%s%d to write, %d kept) on %s",
              len(manifest), n_shards, f"part {part[0] + 1} of {part[1]}: shards {mine.start}-{mine.stop - 1}, "
              if part is not None else "", len(todo), len(mine) - len(todo), device)
@@ -384,8 +336,8 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
         log.info("preprocess: %s", note)
     skipped: list[dict] = _previous_skips(out_dir, {i for i in mine if i not in todo})
     if todo:
-        maps = _Maps(cfg, device)
-        attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **maps.attrs(),
+        maps = map_computer(cfg, device)
+        attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **map_attrs(cfg, maps),
                         "depth_sensor_source": "sensor" if store_sensor else "", "auto": "; ".join(auto or [])}
         rows = pd.concat([chunks[i] for i in todo])
         loader = DataLoader(_Decoded(rows, cfg, sensor, store_sensor), batch_size=cfg.batch_size,
@@ -438,31 +390,26 @@ def preprocess(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfi
     if part is not None:
         log.info("preprocess: part %d of %d done (%d skipped)", part[0] + 1, part[1], len(skipped))
         return pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
-    return _finish(out_dir, n_shards, skipped)
+    return _finish(shards, skipped)
 
 
 def gather(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig, records: list) -> pd.DataFrame:
     """After the scatter's parts (:func:`preprocess` with ``part``): remove stale shards, write
     skipped.parquet from the parts' ``records`` (DataFrames or parquet paths, in part order) and
     index.parquet from the shards. Every shard must be there (its part finished)."""
-    out_dir = Path(out_dir)
-    n_shards = (len(manifest) + cfg.shard_size - 1) // cfg.shard_size
-    missing = [shard_name(i) for i in range(n_shards) if not (out_dir / shard_name(i)).exists()]
-    if missing:
-        raise FileNotFoundError(f"preprocess gather: {len(missing)} shards are missing in {out_dir} "
-                                f"({', '.join(missing[:5])}); rerun the preprocess_chunk jobs that write them")
+    shards = ShardSet(out_dir, (len(manifest) + cfg.shard_size - 1) // cfg.shard_size, "preprocess")
+    shards.require("preprocess_chunk")
     frames = [r if isinstance(r, pd.DataFrame) else pd.read_parquet(r) for r in records]
     skipped = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
-    return _finish(out_dir, n_shards, skipped)
+    return _finish(shards, skipped)
 
 
-def _finish(out_dir: Path, n_shards: int, skipped: list[dict]) -> pd.DataFrame:
-    for stale in out_dir.glob("shard-*.h5"):
-        if int(stale.stem.split("-")[1]) >= n_shards:
-            stale.unlink()
-    index = build_index([out_dir / shard_name(i) for i in range(n_shards)])
+def _finish(shards: ShardSet, skipped: list[dict]) -> pd.DataFrame:
+    out_dir = shards.out_dir
+    index = build_index([shards.path(i) for i in range(shards.n)])
     write_parquet_atomic(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), out_dir / "skipped.parquet")
     write_parquet_atomic(index, out_dir / "index.parquet")
+    shards.finish(["index.parquet", "skipped.parquet"])
     log.info("preprocess: wrote %d samples; %d skipped", len(index), len(skipped))
     return index
 

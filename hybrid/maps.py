@@ -1,0 +1,89 @@
+"""Edge and depth maps of RGB images, encoded as the shards store them: one implementation for the
+preprocess stage and for :class:`hybrid.pipeline.HybridPipeline` (one-off generation), so an image
+given to a checkpoint gets the maps that checkpoint was trained on.
+
+Edges: PiDiNet (fp32 by default: bf16 drifts by 0.03) or Canny, uint8 (B, H, W). Depth: Depth
+Anything V2 nearness, min-max encoded per image to uint16 (B, H, W) (bf16 on CUDA with precision
+``auto``). Sensor depth (MVTec 3D-AD xyz, the demo's height maps) comes from files:
+:func:`hybrid.models.depth.sensor_nearness`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from hybrid.data.images import fit
+from hybrid.models.depth import to_uint16
+
+EDGE_MODELS = ("pidinet", "pidinet_small", "pidinet_tiny", "canny", "none")
+DEPTH_MODELS = ("depth_anything_small", "depth_anything_base", "depth_anything_large")
+
+
+class MapComputer:
+    """Edge and depth networks, loaded once, applied to batches of uint8 RGB images (B, H, W, 3).
+
+    ``edge_model``: a name of :data:`EDGE_MODELS` ("none": no edge map); ``depth_source``: a Depth
+    Anything name (estimated here) or anything else (no depth map from images). ``weights``:
+    store name -> explicit path. ``precision``: auto (edges fp32; depth bf16 on CUDA, fp32
+    elsewhere) | fp32 | bf16 | fp16, for both.
+    """
+
+    def __init__(self, edge_model: str, depth_source: str, device: torch.device,
+                 weights: Mapping[str, str] | None = None, precision: str = "auto") -> None:
+        from hybrid.models.edges import make_edge_detector
+
+        self.edge_model, self.depth_source, self.device = edge_model, depth_source, device
+        self.weights = dict(weights or {})
+        cuda = device.type == "cuda"
+        self.edge_precision = "fp32" if precision == "auto" else precision
+        self.depth_precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
+        self.edge = None
+        if edge_model != "none":
+            self.edge = make_edge_detector(edge_model, device, self.weights.get(edge_model),
+                                           precision=self.edge_precision)
+        self.depth = None
+        if depth_source in DEPTH_MODELS:
+            from hybrid.models.depth import load_depth_anything
+
+            self.depth = load_depth_anything(self.weights.get(depth_source, depth_source), device)
+
+    def _depth(self, batch: torch.Tensor) -> np.ndarray:
+        from hybrid.models.depth import predict_depth
+
+        return predict_depth(self.depth, batch, precision=self.depth_precision).cpu().numpy()
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of images at the size they are given, encoded for the shards."""
+        out: dict[str, np.ndarray] = {}
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if self.edge is not None:
+            e = self.edge(batch).float().clamp(0, 1)
+            out["edge"] = (e * 255).round().to(torch.uint8).cpu().numpy()
+        if self.depth is not None:
+            out["depth"] = to_uint16(self._depth(batch))
+        return out
+
+    def at_original(self, images: np.ndarray, size: int, how: str) -> dict[str, np.ndarray]:
+        """Maps of same-size originals (B, H, W, 3), computed at that size, then fitted to ``size``
+        like the image (float maps, area interpolation, ``how`` = stretch / crop / pad) and encoded."""
+        out: dict[str, np.ndarray] = {}
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if self.edge is not None:
+            e = self.edge(batch).float().clamp(0, 1).cpu().numpy()
+            e = np.stack([fit(m, size, how) for m in e]).clip(0, 1)
+            out["edge"] = np.round(e * np.float32(255)).astype(np.uint8)
+        if self.depth is not None:
+            out["depth"] = to_uint16(np.stack([fit(m, size, how) for m in self._depth(batch)]))
+        return out
+
+    def weight_source(self, name: str) -> str:
+        """Where the weights of ``name`` come from: the configured path, else the store's id."""
+        from hybrid.models.store import REGISTRY
+
+        if name in self.weights:
+            return str(self.weights[name])
+        spec = REGISTRY.get(name)
+        return (spec.hub_id or spec.filename) if spec else name
