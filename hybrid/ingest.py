@@ -46,8 +46,8 @@ def ingest_datasets(datasets: dict | list[dict], missing: str, manifest_path: st
     them). Each is read and protocol-split on its own, then merged (see the module doc)."""
     cfg = protocol if isinstance(protocol, ProtocolConfig) else ProtocolConfig.from_dict(protocol)
     is_list = isinstance(datasets, list)
-    entries = [{"name": str(e.get("name") or e["layout"]), "layout": e["layout"], "options": dict(e.get("options") or {})}
-               for e in (datasets if is_list else [datasets])]
+    entries = [{"name": str(e.get("name") or e["layout"]), "layout": e["layout"],
+                "options": dict(e.get("options") or {})} for e in (datasets if is_list else [datasets])]
     names = [e["name"] for e in entries]
     if len(set(names)) < len(names):
         raise ValueError(f"dataset names {sorted({n for n in names if names.count(n) > 1})} repeat; give each entry "

@@ -77,9 +77,9 @@ class PairingConfig:
                              f"got {self.pairs!r}")
         self.reference_datasets = [str(d) for d in self.reference_datasets or []]
         if self.reference_datasets and (self.pairing != "random" or self.source != "select"):
-            raise ValueError(f"generate reference_datasets {self.reference_datasets} needs pairing: random and source: "
-                             f"select (got pairing {self.pairing!r}, source {self.source!r}); groups and explicit pairs "
-                             "name their references themselves")
+            raise ValueError(f"generate reference_datasets {self.reference_datasets} needs pairing: random and "
+                             f"source: select (got pairing {self.pairing!r}, source {self.source!r}); groups and "
+                             "explicit pairs name their references themselves")
 
     @classmethod
     def from_dict(cls, d: Mapping, kind: str = "pairing") -> PairingConfig:

@@ -283,7 +283,8 @@ def test_reference_datasets_take_references_from_other_datasets_targets_per_cate
     jobs = plan(rows, {**normal, "dataset": "a"}, local={"count": 6, "reference_datasets": ["b"]})
     assert {j.category for j in jobs} == {"x", "shared"} and len(jobs) == 12
     assert all(j.target_id.startswith("a/") and j.reference_id.startswith("b/") for j in jobs)
-    assert all(j.reference_dataset == "b" and not j.reference_id.endswith("/bad") for j in jobs)  # select's split, label
+    # select's split and label hold for the references too
+    assert all(j.reference_dataset == "b" and not j.reference_id.endswith("/bad") for j in jobs)
     assert {j.reference_id.split("/")[1] for j in jobs} == {"shared", "z"}  # any category of b
     assert plan(rows, {**normal, "dataset": "a"}, local={"count": 6, "reference_datasets": ["b"]}) == jobs
 

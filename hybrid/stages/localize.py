@@ -64,8 +64,8 @@ MEAN = "(mean)"
 METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"]
 COLUMNS = ["category", "n_test", "n_test_anomalies", "n_masks", *METRICS, "note"]
 STRATEGIES = {"semantic": 1.0, "stochastic": 0.0, "mixed": 0.5}  # share of semantic regions
-QUALITY_COLUMNS = ["dataset", "category", "strategy", "reference", "generator", "n_images", "is_mean", "is_std", "lpips",
-                   "lpips_x10", "lpips_std", "n_centres", "n_clusters_used", "n_semantic", "note"]
+QUALITY_COLUMNS = ["dataset", "category", "strategy", "reference", "generator", "n_images", "is_mean", "is_std",
+                   "lpips", "lpips_x10", "lpips_std", "n_centres", "n_clusters_used", "n_semantic", "note"]
 SELF = "self"  # quality.references: the target image is its own reference
 
 
@@ -533,7 +533,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
         else []
     for dataset, sub in [*groups, ("(all)", table)]:
         for (strategy, source, gen), part in sub.groupby(["strategy", "reference", "generator"], sort=False):
-            means.append({"dataset": dataset, "category": MEAN, "strategy": strategy, "reference": source, "generator": gen,
+            means.append({"dataset": dataset, "category": MEAN, "strategy": strategy, "reference": source,
+                          "generator": gen,
                           "n_images": int(part["n_images"].fillna(0).sum()), "is_mean": part["is_mean"].mean(),
                           "lpips": part["lpips"].mean(), "lpips_x10": part["lpips_x10"].mean(),
                           "note": f"mean over {int(part['is_mean'].notna().sum())} categories"})
@@ -543,7 +544,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
     return {"stage": "af_generation", "weights": {"inception_score": is_weights, "lpips": lpips_weights},
             "settings": metric_settings(ecfg), "count": cfg.quality_count,
             "strategies": list(cfg.quality_strategies), "references": list(cfg.quality_references),
-            "pairs": "target = a normal training image, its edge map edited in the drawn regions; reference = the image "
-            "itself (self) or a normal training image of the named dataset; the same pairs go through Boot and Flare",
+            "pairs": "target = a normal training image, its edge map edited in the drawn regions; reference = the "
+            "image itself (self) or a normal training image of the named dataset; the same pairs go through Boot and "
+            "Flare",
             "rows": [{k: _plain(v) for k, v in r.items()} for r in table.astype(object).where(table.notna(), None)
                      .to_dict("records")], "table": table}

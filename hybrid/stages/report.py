@@ -659,7 +659,8 @@ def anomalyfactory_section(loc: Mapping) -> str:
         w = quality.get("weights", {})
         body.append(f'<h3>Generation quality: BootGenerator vs FlareGenerator (the layout of paper 002 Tables 1-2)</h3>'
                     f'<p class="note">IS&thinsp;↑ / cluster LPIPS×10&thinsp;↑ per dataset, category, region strategy, '
-                    f'reference source and generator, {esc(quality.get("count"))} images each; {esc(quality.get("pairs", ""))}. Inception '
+                    f'reference source and generator, {esc(quality.get("count"))} images each; '
+                    f'{esc(quality.get("pairs", ""))}. Inception '
                     f'weights: {badge(w.get("inception_score", "?"))} LPIPS weights: {badge(w.get("lpips", "?"))}</p>')
         if not q.empty:
             for c, default in (("dataset", ""), ("reference", "self")):
@@ -678,8 +679,8 @@ def anomalyfactory_section(loc: Mapping) -> str:
                                                                             if c.startswith("(mean)")]
             cols = list(dict.fromkeys(t1["col"]))
             if len(refs) > 1:
-                body.append(f'<p class="note">Per category and region strategy, references: {esc(t1["reference"].iloc[0])}'
-                            '.</p>')
+                body.append('<p class="note">Per category and region strategy, references: '
+                            f'{esc(t1["reference"].iloc[0])}.</p>')
             body.append(table(pivot.loc[cats, cols], num=tuple(cols), index=True))
             if len(refs) > 1 or len(datasets) > 1:
                 # Table 2's layout: datasets x (reference source, generator), means over the categories
