@@ -58,7 +58,8 @@ def check_choices(obj: object, section: str) -> None:
         if isinstance(value, (list, tuple)):
             bad = [v for v in value if not _is_one_of(v, options)]
             if bad:
-                raise ValueError(f"{section}.{f.name} {list(value)}: {bad} unknown; choose from {_words(options, ', ')}")
+                raise ValueError(f"{section}.{f.name} {list(value)}: {bad} unknown; choose from "
+                                 f"{_words(options, ', ')}")
         elif not _is_one_of(value, options):
             raise ValueError(f"{section}.{f.name} {value!r}: use {_words(options)}")
 

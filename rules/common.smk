@@ -175,8 +175,8 @@ def classify_reference():
     CSV for classify.split (the demo's ref_test.csv); None for layouts without one (in a dataset list:
     the one butterfly dataset's; none when there are several)."""
     section = config["classify"]
-    if section.get("reference_csv"):
-        return section["reference_csv"]
+    if section.get("reference_csv"):  # null or absent: the dataset's own
+        return section.get("reference_csv")
     butterflies = [e for e in dataset_entries(config) if e["layout"] in ("demo", "heliconius")]
     if len(butterflies) != 1:
         return None

@@ -71,8 +71,11 @@ def test_defect_column_names_folders_and_generated_normals(tmp_path):
     assert counts == {("train", "good"): 8 + 4, ("test", "crack"): 5, ("test", "generated_AHE_merge"): 5}
     assert len(list((out / "widget/ground_truth/crack").glob("*_mask.png"))) == 5
 
-    with pytest.raises(ValueError, match=r"no local anomalies from decoders \['AHX'\]"):
+    with pytest.raises(ValueError, match=r"export\.decoders \['AHX'\]: \['AHX'\] unknown; choose from AHD, AHE"):
         run(inputs, tmp_path / "none", {"decoders": ["AHX"]})
+    write_parquet_atomic(gen[(gen["kind"] != "local") | (gen["decoder"] != "AHE")], inputs.generated)
+    with pytest.raises(ValueError, match=r"no local anomalies from decoders \['AHE'\]"):
+        run(inputs, tmp_path / "none", {"decoders": ["AHE"]})
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="train_good"):
         ExportConfig(train_good="fake")
