@@ -51,7 +51,7 @@ def _demo_industrial(args: argparse.Namespace) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> None:
-    from hybrid.ingest import ingest
+    from hybrid.stages.ingest import ingest
 
     options = _json_option(args.options, "--options", '{"root": "/data/mvtec"}')
     ingest(args.layout, options, args.missing, args.out, args.skipped or f"{args.out}.skipped.csv",
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo_industrial)
 
     i = sub.add_parser("ingest", help="read a dataset layout into a manifest parquet")
-    i.add_argument("layout", help="demo, demo_industrial, heliconius, mvtec_ad, mvtec_3d, mvtec_loco, visa or folder")
+    i.add_argument("layout", help="demo, demo_industrial, heliconius, mvtec_ad, mvtec_3d, mvtec_loco, visa, madsim, "
+                   "realiad or folder")
     i.add_argument("--options", default="{}", help='reader options as JSON, e.g. \'{"root": "/data/mvtec"}\'')
     i.add_argument("--missing", choices=["error", "skip"], default="error")
     i.add_argument("--out", default="manifest.parquet")

@@ -190,12 +190,10 @@ def one_off_depth_source(asked: str | None, trained: str, needed: bool, files: t
         raise ValueError(f"this checkpoint learned from depth files (depth source {trained!r}), and none were given: "
                          f"{options}")
     if source.startswith("depth_anything"):
-        from hybrid.autoconf import weights_present
+        from hybrid.models import store
 
-        if not weights_present(source, dict(weights or {})):
-            from hybrid.models.store import offline
-
-            if offline():
+        if store.present(source, dict(weights or {})) is None:
+            if store.offline():
                 raise ValueError(f"the depth source {source!r} needs its weights, which are not here (offline): "
                                  f"{options}")
     if source == "flat":

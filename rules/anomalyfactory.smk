@@ -234,6 +234,6 @@ if AF_OUTPUTS and AF_REGIONS:
             sam=AF["sam"],
             fallback=AF["flare"]["semantic_fallback"],
             paths=model_paths(),
-            code=code_hash("hybrid.regions"),
+            code=code_hash("hybrid.stages.sam_regions"),
         script:
             "../workflow/scripts/sam_regions.py"

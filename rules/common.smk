@@ -158,7 +158,7 @@ def reader_options(entry=None):
 
 def ingest_datasets():
     """The ingest rule's `datasets`: config `dataset` (a mapping or a list) with each entry's reader
-    options resolved (hybrid.ingest.ingest_datasets)."""
+    options resolved (hybrid.stages.ingest.run)."""
     ds = config["dataset"]
     resolved = [
         {**({"name": e["name"]} if e.get("name") else {}), "layout": e["layout"], "options": reader_options(e)}

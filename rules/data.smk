@@ -52,6 +52,6 @@ rule ingest:
         datasets=ingest_datasets(),
         missing=config["ingest"]["missing"],
         protocol=config["ingest"]["protocol"],
-        code=code_hash("hybrid.ingest"),
+        code=code_hash("hybrid.stages.ingest"),
     script:
         "../workflow/scripts/ingest.py"

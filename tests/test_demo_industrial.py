@@ -17,7 +17,7 @@ from hybrid.data.demo_industrial import DEFECTS, OBJECTS, IndustrialDemoConfig, 
 from hybrid.data.protocol import ProtocolConfig
 from hybrid.data.readers import read_dataset
 from hybrid.data.xyz import read_xyz
-from hybrid.ingest import ingest
+from hybrid.stages.ingest import ingest
 from hybrid.models.depth import sensor_nearness
 
 REPO = Path(__file__).resolve().parents[1]

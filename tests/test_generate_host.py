@@ -107,7 +107,8 @@ def _plain_write_chunk(path, jobs, G, samples, cfg, attrs, G_star) -> None:
                 for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
                                    ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
                                    ("manipulation", j.manipulation), ("category", j.category),
-                                   ("defect", j.defect), ("kind", j.kind)):
+                                   ("defect", j.defect), ("kind", j.kind),
+                                   ("reference_dataset", j.reference_dataset)):
                     strings[key].append(value)
         done += len(region)
     write_shard(path, {k: np.stack(v) for k, v in arrays.items() if v}, strings, attrs)

@@ -16,7 +16,8 @@ import yaml
 from hybrid.autoconf import ConfigError, dataset_entries, resolve_auto, schema_errors
 from hybrid.data.manifest import MANIFEST_COLUMNS, ManifestError
 from hybrid.data.readers import READERS, read_dataset
-from hybrid.ingest import SKIPPED_COLUMNS, ingest, ingest_datasets
+from hybrid.stages.ingest import SKIPPED_COLUMNS, ingest
+from hybrid.stages.ingest import run as ingest_datasets
 from tests.stage_data import REPO_CONFIG
 
 SCHEMA = yaml.safe_load((REPO_CONFIG.parent / "schema.yaml").read_text())

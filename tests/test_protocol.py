@@ -14,7 +14,7 @@ import pytest
 from hybrid.data.manifest import ManifestError, read_manifest, validate_manifest
 from hybrid.data.protocol import ProtocolConfig, assign_protocol, summary
 from hybrid.data.readers import read_dataset
-from hybrid.ingest import SKIPPED_COLUMNS, ingest
+from hybrid.stages.ingest import SKIPPED_COLUMNS, ingest
 from tests.test_readers import heliconius_tree, visa_tree
 
 # category -> defect -> file stems, written out of order and with gaps: the split follows sorted names

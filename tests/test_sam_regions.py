@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid.stages.sam_regions import run as run_sam_regions
 from hybrid.regions import (
     RegionConfig,
     RegionStore,
     load_sam,
     preprocess,
     refine,
-    run_sam_regions,
     sam_masks,
     semantic_region,
 )

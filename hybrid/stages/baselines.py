@@ -51,9 +51,10 @@ from hybrid.baselines import METHODS, CutPasteConfig, PerlinConfig, TextureFolde
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import matches
 from hybrid.data.shards import ShardDataset, ShardSet, read_attrs, write_shard
-from hybrid.planning import safe_name
-from hybrid.stages.generate import read_generated
 from hybrid.io import atomic_path, write_parquet_atomic
+from hybrid.planning import safe_name
+from hybrid.seeds import derive_seed
+from hybrid.stages.generate import read_generated
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ class Job:
         return f"{PAIR_PREFIX}-{safe_name(self.category)}-{self.number:05d}"
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+def _seed(*parts: int | str) -> int:
+    return derive_seed(*parts, bits=32)
 
 
 def method_seed(seed: int, method: str, category: str) -> int:

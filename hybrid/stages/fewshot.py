@@ -52,6 +52,7 @@ from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device,
 from hybrid.data.manifest import matches
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.models.resnet import ARCHS, LAYERS
+from hybrid.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,8 @@ class Generated:
 
     def images(self, shots: Sequence[str], category: str, k_label: str, n_images: int) -> np.ndarray:
         """``n_images`` generated normal images (uint8 (n, H, W, 3)), pairs in order, decoders in order."""
-        from hybrid.pipeline import generate_batch, to_uint8
         from hybrid.manipulate import ManipulateConfig
+        from hybrid.pipeline import generate_batch, to_uint8
 
         decoders = list(self.G.decoder_names)
         pairs = self.pairs(shots, category, k_label, math.ceil(n_images / len(decoders)))
@@ -292,8 +293,8 @@ class Generated:
         self.samples.data.close()
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+def _seed(*parts: int | str) -> int:
+    return derive_seed(*parts, bits=32)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -50,10 +50,12 @@ from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["sample_id", "shard", "index", "pair_id", "reference_id", "target_id", "decoder",
-                    "manipulation", "category", "defect", "kind", "label"]
+MANIFEST_COLUMNS = ["sample_id", "shard", "index", "pair_id", "reference_id", "reference_dataset", "target_id",
+                    "decoder", "manipulation", "category", "defect", "kind", "label"]
+# reference_dataset: the manifest's dataset of the reference ("" without a dataset column; shards
+# written before it existed read back as "")
 _STRINGS = ["sample_id", "pair_id", "reference_id", "target_id", "decoder", "manipulation", "category", "defect",
-            "kind"]
+            "kind", "reference_dataset"]
 
 
 @dataclass
@@ -311,7 +313,8 @@ class _Shard:
                 for key, value in (("sample_id", f"{j.pair_id}-{d}"), ("pair_id", j.pair_id),
                                    ("reference_id", j.reference_id), ("target_id", j.target_id), ("decoder", d),
                                    ("manipulation", j.manipulation), ("category", j.category),
-                                   ("defect", j.defect), ("kind", j.kind)):
+                                   ("defect", j.defect), ("kind", j.kind),
+                                   ("reference_dataset", j.reference_dataset)):
                     self.strings[key].append(value)
 
     def fill(self, per_decoder: Mapping[str, Mapping[str, np.ndarray]], fed: Mapping[str, np.ndarray]) -> int:

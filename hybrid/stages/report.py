@@ -750,7 +750,8 @@ def run(
     seg = _read_json(segment_json)
     cd = _read_json(classify_defects_json)
     af = _read_json(localize_json)
-    layout = (config or {}).get("dataset", {}).get("layout", "?")
+    ds = (config or {}).get("dataset") or {}
+    layout = ", ".join(str(e.get("layout", "?")) for e in (ds if isinstance(ds, list) else [ds])) or "?"
     lists = skip_lists(Path(ingest_skipped) if ingest_skipped else None,
                        Path(shard_index) if shard_index else None, ev, cl)
     if fs is not None and fs.get("skipped"):

@@ -62,7 +62,6 @@ import re
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,6 +79,7 @@ from hybrid.data.manifest import read_manifest
 from hybrid.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from hybrid.metrics.localization import PixelMetrics, binary_metrics, image_score
 from hybrid.models.unet import DiscriminativeSubNetwork, Segmenter, UNet, draem_weights_init
+from hybrid.seeds import derive_seed
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -305,8 +305,7 @@ def lr_at(cfg: SegmentConfig, epoch: int) -> float:
 
 
 def model_seed(seed: int, *names: str) -> int:
-    return int(np.random.SeedSequence([seed, *(zlib.crc32(n.encode()) for n in names)])
-               .generate_state(1, dtype=np.uint32)[0])
+    return derive_seed(seed, *names, bits=32)
 
 
 class Budget:

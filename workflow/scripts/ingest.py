@@ -1,10 +1,10 @@
 """Snakemake adapter: read the configured dataset layout(s) into results/manifest.parquet."""
 
-from hybrid.ingest import ingest_datasets
+from hybrid.stages.ingest import run
 from hybrid.log import setup_logging
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-ingest_datasets(
+run(
     snakemake.params.datasets,  # noqa: F821
     missing=snakemake.params.missing,  # noqa: F821
     manifest_path=snakemake.output.manifest,  # noqa: F821

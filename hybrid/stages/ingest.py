@@ -37,10 +37,10 @@ def ingest(layout: str, options: dict, missing: str, manifest_path: str | Path,
            skipped_path: str | Path, protocol: dict | ProtocolConfig | None = None) -> pd.DataFrame:
     """Read ``layout`` with ``options``, mark the protocol split (``ingest.protocol``; layouts
     with defect types only) and write the manifest and the skip list."""
-    return ingest_datasets({"layout": layout, "options": options}, missing, manifest_path, skipped_path, protocol)
+    return run({"layout": layout, "options": options}, missing, manifest_path, skipped_path, protocol)
 
 
-def ingest_datasets(datasets: dict | list[dict], missing: str, manifest_path: str | Path,
+def run(datasets: dict | list[dict], missing: str, manifest_path: str | Path,
                     skipped_path: str | Path, protocol: dict | ProtocolConfig | None = None) -> pd.DataFrame:
     """``datasets``: the config's ``dataset`` (one ``{layout, options, name?}`` mapping, or a list of
     them). Each is read and protocol-split on its own, then merged (see the module doc)."""
