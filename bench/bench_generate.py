@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from hybrid.pipeline import generate_batch
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
+from hybrid.pipeline import generate_batch
 
 PAPER_S_PER_IMAGE = 0.287
 DEMO = {"ngf": 16, "n_downsample": 3, "n_blocks": 3}

@@ -154,9 +154,9 @@ def random_checkpoint(path: Path, model: dict) -> Path:
     """A checkpoint directory with random weights, written the way training writes it."""
     import torch
 
+    from hybrid.checkpoint import save_checkpoint
     from hybrid.models.discriminator import MultiscaleDiscriminator
     from hybrid.models.generator import Generator
-    from hybrid.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     G = Generator(**model)

@@ -165,7 +165,8 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
                       "change one of the two")
     sizes = discriminator_sizes(res, int(train.get("n_layers_D", 3)), int(train.get("num_D", 2)))
     if any(s < 2 for scale in sizes for s in scale):
-        errors.append(f"train.num_D {train.get('num_D', 2)} / train.n_layers_D {train.get('n_layers_D', 3)} are too deep "
+        errors.append(f"train.num_D {train.get('num_D', 2)} / train.n_layers_D {train.get('n_layers_D', 3)} are "
+                      "too deep "
                       f"for preprocess.resolution {res} (the discriminator's smallest maps would be 1 pixel): "
                       "lower num_D or n_layers_D, or raise the resolution")
     for section in ("train", "train_depth"):
@@ -173,7 +174,8 @@ def check_config(cfg: Mapping, manifest: str | Path | None = None) -> list[str]:
         if section == "train_depth" and not cfg.get("train_depth", {}).get("enabled"):
             continue
         if int(sec.get("epochs", 0)) + int(sec.get("epochs_decay", 0)) < 1:
-            errors.append(f"{section}.epochs + {section}.epochs_decay is {int(sec.get('epochs', 0)) + int(sec.get('epochs_decay', 0))}: "
+            total = int(sec.get('epochs', 0)) + int(sec.get('epochs_decay', 0))
+            errors.append(f"{section}.epochs + {section}.epochs_decay is {total}: "
                           "at least one epoch is needed")
     conditions = model.get("conditions") or RGB_CONDITIONS
     needs = {"target_depth": ("preprocess.depth_source", pre["depth_source"]),

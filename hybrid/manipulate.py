@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid.config import check_choices, check_keys, choice
 from hybrid.augment import tps_warp_grid
+from hybrid.config import check_choices, check_keys, choice
 
 Maps = dict[str, torch.Tensor]
 SHAPES = ("blob", "ellipse", "rectangle", "polygon")

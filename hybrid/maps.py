@@ -26,29 +26,29 @@ class MapComputer:
     """Edge and depth networks, loaded once, applied to batches of uint8 RGB images (B, H, W, 3).
 
     ``edge_model``: a name of :data:`EDGE_MODELS` ("none": no edge map); ``depth_source``: a Depth
-    Anything name (estimated here) or anything else (no depth map from images). ``weights``:
+    Anything name (estimated here) or anything else (no depth map from images). ``paths``:
     store name -> explicit path. ``precision``: auto (edges fp32; depth bf16 on CUDA, fp32
     elsewhere) | fp32 | bf16 | fp16, for both.
     """
 
     def __init__(self, edge_model: str, depth_source: str, device: torch.device,
-                 weights: Mapping[str, str] | None = None, precision: str = "auto") -> None:
+                 paths: Mapping[str, str] | None = None, precision: str = "auto") -> None:
         from hybrid.models.edges import make_edge_detector
 
         self.edge_model, self.depth_source, self.device = edge_model, depth_source, device
-        self.weights = dict(weights or {})
+        self.paths = dict(paths or {})
         cuda = device.type == "cuda"
         self.edge_precision = "fp32" if precision == "auto" else precision
         self.depth_precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
         self.edge = None
         if edge_model != "none":
-            self.edge = make_edge_detector(edge_model, device, self.weights.get(edge_model),
+            self.edge = make_edge_detector(edge_model, device, self.paths.get(edge_model),
                                            precision=self.edge_precision)
         self.depth = None
         if depth_source in DEPTH_MODELS:
             from hybrid.models.depth import load_depth_anything
 
-            self.depth = load_depth_anything(self.weights.get(depth_source, depth_source), device)
+            self.depth = load_depth_anything(self.paths.get(depth_source, depth_source), device)
 
     def _depth(self, batch: torch.Tensor) -> np.ndarray:
         from hybrid.models.depth import predict_depth
@@ -83,7 +83,7 @@ class MapComputer:
         """Where the weights of ``name`` come from: the configured path, else the store's id."""
         from hybrid.models.store import REGISTRY
 
-        if name in self.weights:
-            return str(self.weights[name])
+        if name in self.paths:
+            return str(self.paths[name])
         spec = REGISTRY.get(name)
         return (spec.hub_id or spec.filename) if spec else name

@@ -137,7 +137,7 @@ def add_depth_level(G_star: Generator, batch: Mapping[str, torch.Tensor], out: d
     """AH* on each decoder's generated image (paper 003, Fig. 2b): target_image = that image,
     reference depth / edge = the pair target's unmanipulated maps (``source_depth`` /
     ``source_edge``); adds ``depth_generated`` (AH*'s AHD) and ``edge_generated`` (its AHE)."""
-    for d, o in out.items():
+    for o in out.values():
         star = run_generator(G_star, {"target_image": o["image"], "reference_depth": batch["source_depth"],
                                       "reference_edge": batch["source_edge"]}, precision)
         if "AHD" in star:
@@ -173,7 +173,7 @@ ONE_OFF_DEPTH = ("depth_anything_small", "depth_anything_base", "depth_anything_
                  "none")
 
 
-def one_off_depth_source(asked: str | None, trained: str, needed: bool, files: tuple, weights: Mapping | None) -> str:
+def one_off_depth_source(asked: str | None, trained: str, needed: bool, files: tuple, paths: Mapping | None) -> str:
     """The depth source of a one-off generation: what the user asked for, else the checkpoint's.
     When that cannot run here, one message lists every option; a flat depth is used only when asked."""
     if not needed:
@@ -192,7 +192,7 @@ def one_off_depth_source(asked: str | None, trained: str, needed: bool, files: t
     if source.startswith("depth_anything"):
         from hybrid.models import store
 
-        if store.present(source, dict(weights or {})) is None:
+        if store.present(source, dict(paths or {})) is None:
             if store.offline():
                 raise ValueError(f"the depth source {source!r} needs its weights, which are not here (offline): "
                                  f"{options}")
@@ -318,7 +318,7 @@ class HybridPipeline:
 
     def __init__(self, generator: Generator, data: Mapping | None = None, device: str | torch.device = "auto",
                  precision: str = "auto", generator_star: Generator | None = None,
-                 weights: Mapping[str, str] | None = None) -> None:
+                 paths: Mapping[str, str] | None = None) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.generator = generator.to(self.device, memory_format=fmt).eval()
@@ -327,13 +327,13 @@ class HybridPipeline:
             self.generator_star = generator_star.to(self.device, memory_format=fmt).eval()
         self.data = {**DEFAULT_DATA, **dict(data or {})}
         self.precision = resolve_precision(precision, self.device)
-        self.weights = dict(weights or {})
+        self.paths = dict(paths or {})  # model-store name -> explicit weight path
         self._maps: dict[tuple[str, str], object] = {}
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "auto",
                         depth_checkpoint: str | Path | None = None, precision: str = "auto",
-                        weights: Mapping[str, str] | None = None) -> HybridPipeline:
+                        paths: Mapping[str, str] | None = None) -> HybridPipeline:
         """The pipeline of a checkpoint folder (config.json + model.safetensors); with
         ``depth_checkpoint`` (a train_depth checkpoint) also AH*'s depth-level outputs."""
         G = Generator.from_pretrained(checkpoint, level="rgb", purpose="generate's checkpoint")
@@ -342,7 +342,7 @@ class HybridPipeline:
         if depth_checkpoint is not None:
             star = Generator.from_pretrained(depth_checkpoint, level="depth",
                                              purpose="generate's depth-level checkpoint")
-        return cls(G, data, device, precision, star, weights)
+        return cls(G, data, device, precision, star, paths)
 
     @property
     def decoders(self) -> list[str]:
@@ -363,7 +363,7 @@ class HybridPipeline:
                              "(--reference-depth / --target-depth), or choose depth_anything_small")
         key = (edge_model, depth_source)
         if key not in self._maps:
-            self._maps[key] = MapComputer(edge_model, depth_source, self.device, self.weights)
+            self._maps[key] = MapComputer(edge_model, depth_source, self.device, self.paths)
         return self._maps[key](images)
 
     def __call__(self, reference: object, target: object, manipulation: str = "none", seed: int = 0,
@@ -389,7 +389,7 @@ class HybridPipeline:
         size, how = int(self.data["resolution"]), str(self.data["fit"])
         edge_model = edge_model or (self.data["edge_model"] if "edge" in self.needs else "none")
         depth_source = one_off_depth_source(depth_source, self.data["depth_source"], "depth" in self.needs,
-                                            (reference_depth, target_depth), self.weights)
+                                            (reference_depth, target_depth), self.paths)
         images = np.stack([as_image(x, size, how) for x in (reference, target)])
         estimated = depth_source if depth_source.startswith("depth_anything") else "none"
         maps = self.compute_maps(images, edge_model, estimated)
@@ -427,7 +427,7 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
                  manipulation: str = "none", seed: int = 0, edge_model: str | None = None,
                  depth_source: str | None = None, reference_depth: str | Path | None = None,
                  target_depth: str | Path | None = None, device: str = "auto",
-                 cfg: ManipulateConfig | None = None, weights: Mapping[str, str] | None = None,
+                 cfg: ManipulateConfig | None = None, paths: Mapping[str, str] | None = None,
                  depth_checkpoint: str | Path | None = None, feature_noise: float = 0.0) -> dict[str, Path]:
     """``hybrid generate``: :class:`HybridPipeline` on two image files, the outputs saved into ``out``
     (``<decoder>.png``, ``<decoder>_mask.png``, ``region.png``, the fed ``target_edge.png`` /
@@ -436,7 +436,7 @@ def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Pa
         raise ValueError(f"--out {out} is a file; give a folder for the outputs")
     if manipulation not in ("none", "random"):
         check_manipulation(manipulation)
-    pipe = HybridPipeline.from_pretrained(checkpoint, device, depth_checkpoint, weights=weights)
+    pipe = HybridPipeline.from_pretrained(checkpoint, device, depth_checkpoint, paths=paths)
     result = pipe(reference, target, manipulation, seed, cfg, feature_noise, edge_model, depth_source,
                   reference_depth, target_depth)
     return result.save(out)

@@ -53,10 +53,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from hybrid.checkpoint import (check_pairing, check_same_config, latest_checkpoint, load_checkpoint, load_state,
-                               save_checkpoint, set_rng_state)
-from hybrid.config import check_choices, check_device, check_keys, choice
 from hybrid.augment import PAD_MODES, AugmentConfig, apply_params, augment, sample_params
+from hybrid.checkpoint import (
+    check_pairing,
+    check_same_config,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from hybrid.config import check_choices, check_device, check_keys, choice
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
 from hybrid.models.discriminator import MultiscaleDiscriminator
@@ -246,7 +253,8 @@ def unwrap(m: nn.Module) -> nn.Module:
 
 def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_G: torch.optim.Optimizer,
                opt_D: torch.optim.Optimizer, maps: dict[str, torch.Tensor], cfg: TrainConfig,
-               autocast: contextlib.AbstractContextManager, sync: bool = True) -> tuple[dict[str, float] | torch.Tensor, dict]:
+               autocast: contextlib.AbstractContextManager,
+               sync: bool = True) -> tuple[dict[str, float] | torch.Tensor, dict]:
     """One G update then one D update; returns the losses and the generator outputs.
 
     ``sync=False``: the losses as one tensor on the device (:data:`LOSS_NAMES` order, averaged over
@@ -355,7 +363,8 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
     ``losses_csv`` / ``samples_dir`` when given. ``init_from``: a checkpoint whose matching tensors
     start a fresh run (AnomalyHybrid* from AnomalyHybrid). ``data`` (resolution, edge model, depth
     source, ...) is recorded in config.json so that one-off generation prepares inputs alike.
-    ``max_steps`` stops after that many steps as if killed (only the periodic work checkpoints remain) and returns the latest one.
+    ``max_steps`` stops after that many steps as if killed (only the periodic work checkpoints
+    remain) and returns the latest one.
     """
     cfg = TrainConfig.from_dict(train_cfg)
     aug_cfg = AugmentConfig.from_dict(augment_cfg)

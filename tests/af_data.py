@@ -13,13 +13,13 @@ import cv2
 import numpy as np
 import torch
 
+from hybrid.checkpoint import save_checkpoint
 from hybrid.data.manifest import make_manifest
 from hybrid.data.shards import build_index, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
 from hybrid.stages.boot import BLAZE_MODEL, BOOT_MODEL
-from hybrid.checkpoint import save_checkpoint
 
 SIZE = 32
 TINY = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}

@@ -9,9 +9,9 @@ import pytest
 
 from hybrid.data.manifest import make_manifest
 from hybrid.data.shards import ShardDataset, build_index, write_shard
-from hybrid.stages.generate import MANIFEST_COLUMNS, read_generated
 from hybrid.io import write_parquet_atomic
 from hybrid.stages.baselines import BaselinesConfig, concat_generated, run
+from hybrid.stages.generate import MANIFEST_COLUMNS, read_generated
 
 S = 32
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from hybrid.checkpoint import load_checkpoint
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
 from hybrid.stages.blaze import BlazeConfig, blaze_targets
 from hybrid.stages.blaze import run as run_blaze
 from hybrid.stages.boot import BLAZE_MODEL
 from hybrid.stages.flare import af_step
-from hybrid.checkpoint import load_checkpoint
 from hybrid.train import TrainConfig
 from tests.af_data import AUGMENT, MANIPULATE, TRAIN, make_results, save_af_checkpoint
 from tests.test_flare import toy_batch

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hybrid.stages.classify import ClassifyStageConfig, match_reference
-from hybrid.stages.classify import run as run_classify_stage
 from hybrid.metrics.challenge import read_predictions, score_files
 from hybrid.models.store import MissingWeightsError
+from hybrid.stages.classify import ClassifyStageConfig, match_reference
+from hybrid.stages.classify import run as run_classify_stage
 from tests.stage_data import make_generated, make_real
 
 # Small heads: the stage's plumbing is under test, not the heads (tests/test_classify.py).

@@ -90,7 +90,7 @@ SECTIONS = [
     # demo.industrial is the industrial demo's own section (below).
     Section("demo", (DemoConfig,), extra=("industrial",)),
     Section("demo.industrial", (IndustrialDemoConfig,)),
-    # ingest.missing is an argument of hybrid.ingest.ingest_datasets; only the protocol is a dataclass.
+    # ingest.missing is an argument of hybrid.stages.ingest.run; only the protocol is a dataclass.
     Section("ingest.protocol", (ProtocolConfig,)),
     Section("preprocess", (PreprocessConfig,), hidden=(PATHS,), auto=("edge_model", "depth_source")),
     # train.select: the rows to learn from, passed to the stage on its own (hybrid.stages.train.run select=).

@@ -27,9 +27,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
+from hybrid.checkpoint import load_checkpoint
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
-from hybrid.checkpoint import load_checkpoint
 from hybrid.train import train
 from tests.test_train import AUG, MODEL, Blobs, rows, train_cfg
 

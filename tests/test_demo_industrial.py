@@ -17,8 +17,8 @@ from hybrid.data.demo_industrial import DEFECTS, OBJECTS, IndustrialDemoConfig, 
 from hybrid.data.protocol import ProtocolConfig
 from hybrid.data.readers import read_dataset
 from hybrid.data.xyz import read_xyz
-from hybrid.stages.ingest import ingest
 from hybrid.models.depth import sensor_nearness
+from hybrid.stages.ingest import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = IndustrialDemoConfig(seed=5, size=48, train_per_category=2, test_good_per_category=1, test_per_defect=3)

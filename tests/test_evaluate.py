@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from hybrid.models.store import MissingWeightsError
 from hybrid.stages.evaluate import EvaluateConfig, lpips_network, random_inception, seeded_init
 from hybrid.stages.evaluate import run as evaluate
-from hybrid.models.store import MissingWeightsError
 from tests.conftest import shared_path
 from tests.stage_data import make_generated, make_real
 

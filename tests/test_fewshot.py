@@ -120,10 +120,10 @@ def test_config_errors():
 
 
 def test_report_table_in_the_seed_readme_layout_beside_the_published_numbers(toy, tmp_path):
-    from hybrid.stages.report import fewshot_table
-    from hybrid.stages.report import run as build_report
     from hybrid.stages.baselines import BaselinesConfig
     from hybrid.stages.baselines import run as run_baselines
+    from hybrid.stages.report import fewshot_table
+    from hybrid.stages.report import run as build_report
 
     rows = pd.DataFrame([
         {"category": c, "shots": k, "setting": setting(int(k) if k != "all" else k), "method": m,

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from hybrid.augment import AugmentConfig
+from hybrid.checkpoint import load_checkpoint, load_state
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator
 from hybrid.stages.boot import BOOT_MODEL, subsample_per_dataset
 from hybrid.stages.flare import FlareConfig, ManipulatedPairs, af_step, flare_targets, training_set
 from hybrid.stages.flare import run as run_flare
-from hybrid.checkpoint import load_checkpoint, load_state
 from hybrid.train import TrainConfig
 from tests.af_data import AUGMENT, MANIPULATE, TRAIN, make_results, save_af_checkpoint
 

@@ -8,17 +8,17 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from hybrid.data.manifest import make_manifest
-from hybrid.data.shards import build_index, write_shard
 from hybrid.checkpoint import save_checkpoint
 from hybrid.cli import add_generate_cli as add_cli
+from hybrid.data.manifest import make_manifest
+from hybrid.data.shards import build_index, write_shard
+from hybrid.manipulate import ManipulateConfig
+from hybrid.models.discriminator import MultiscaleDiscriminator
+from hybrid.models.generator import Generator
 from hybrid.pipeline import generate_batch, load_generator
 from hybrid.planning import PairingConfig, pair_samples, plan_jobs
 from hybrid.stages.generate import MANIFEST_COLUMNS, GenerateConfig, Samples
 from hybrid.stages.generate import run as generate
-from hybrid.manipulate import ManipulateConfig
-from hybrid.models.discriminator import MultiscaleDiscriminator
-from hybrid.models.generator import Generator
 
 S = 32
 TINY = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from hybrid.data.shards import read_attrs, shard_name, to_unit, write_shard
+from hybrid.models.generator import Generator
 from hybrid.pipeline import add_depth_level, load_generator, run_generator
 from hybrid.planning import plan_jobs
 from hybrid.stages.generate import _STRINGS, PairConditions, Samples
 from hybrid.stages.generate import run as generate
-from hybrid.models.generator import Generator
 from tests.test_generate import TINY, make_dataset, save_tiny_checkpoint, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from hybrid.checkpoint import load_checkpoint
 from hybrid.metrics.localization import LocalizationMetrics
 from hybrid.regions import write_regions
-from hybrid.stages.report import run as build_report
 from hybrid.stages.localize import Inputs, LocalizeConfig, Outputs, read_rows, run, run_blaze, to_model
-from hybrid.checkpoint import load_checkpoint
+from hybrid.stages.report import run as build_report
 from tests.af_data import MANIPULATE, make_results, save_af_checkpoint
 from tests.workflow_helpers import snakemake, write_config
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import Dataset
 
 from hybrid.augment import AugmentConfig
-from hybrid.models.generator import ROLES, Generator
 from hybrid.checkpoint import load_checkpoint
+from hybrid.models.generator import ROLES, Generator
 from hybrid.train import PairDataset, draw_plan, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

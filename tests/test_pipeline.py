@@ -19,7 +19,7 @@ import hybrid.stages.preprocess as pp
 from hybrid.data.shards import KEPT, ShardDataset
 from hybrid.models.generator import Generator
 from hybrid.pipeline import HybridOutput, HybridPipeline, generate_one
-from tests.test_generate import S, TINY, make_dataset, save_tiny_checkpoint, scene, small_cfg
+from tests.test_generate import TINY, S, make_dataset, save_tiny_checkpoint, scene, small_cfg
 from tests.test_preprocess import _cfg, _manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.stages.sam_regions import run as run_sam_regions
 from hybrid.regions import (
     RegionConfig,
     RegionStore,
@@ -15,6 +14,7 @@ from hybrid.regions import (
     sam_masks,
     semantic_region,
 )
+from hybrid.stages.sam_regions import run as run_sam_regions
 from tests.af_data import make_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,8 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from hybrid.models.vgg import VGGFeatures
 from hybrid.checkpoint import load_checkpoint, load_state
+from hybrid.models.vgg import VGGFeatures
 from hybrid.train import TrainConfig, lr_at, train
 
 MODEL = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}

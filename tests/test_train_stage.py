@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from hybrid.io import write_parquet_atomic
 from hybrid.checkpoint import PUBLISHED
+from hybrid.io import write_parquet_atomic
 from hybrid.stages.train import run as run_train_stage
 from tests.test_generate import make_dataset
 

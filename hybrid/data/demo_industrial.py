@@ -482,7 +482,7 @@ class _Item:
 def plan(cfg: IndustrialDemoConfig) -> list[_Item]:
     """Every image of the dataset, in writing order, each with its own seed."""
     items = []
-    for ci, cat in enumerate(cfg.categories):
+    for cat in cfg.categories:
         ck = list(DEFECTS).index(cat)  # a category's images do not depend on which others are drawn
         items += [_Item(cat, "train", "good", i, (ck, 0, 0, i)) for i in range(cfg.train_per_category)]
         items += [_Item(cat, "test", "good", i, (ck, 1, 0, i)) for i in range(cfg.test_good_per_category)]

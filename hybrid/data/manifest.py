@@ -79,7 +79,8 @@ def validate_manifest(df: pd.DataFrame, source: str | Path = "manifest") -> pd.D
     stray = df["protocol"].notna() & ~((df["split"] == "test") & (df["label"] == 1)).fillna(False)
     if stray.any():
         raise ManifestError(f"{source}: {int(stray.sum())} rows that are not test anomalies have a protocol value "
-                            f"(e.g. {df.loc[stray, 'sample_id'].iloc[0]}); only split test, label 1 rows are base or eval")
+                            f"(e.g. {df.loc[stray, 'sample_id'].iloc[0]}); only split test, label 1 rows are base "
+                            "or eval")
     if df["label"].isna().any() or not df["label"].isin([0, 1]).all():
         raise ManifestError(f"{source}: label must be 0 (normal) or 1 (anomaly/hybrid) on every row")
     if df["image_path"].isna().any():

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hybrid.data._files import (FileIndex, Problems, entries, folder, list_images,
-                                pick_categories, subfolders)
+from hybrid.data._files import FileIndex, Problems, entries, folder, list_images, pick_categories, subfolders
 from hybrid.data.manifest import ManifestError
 
 SPLIT_DIRS = {"train": "train", "validation": "val", "test": "test"}

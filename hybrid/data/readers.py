@@ -7,12 +7,11 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from hybrid.data.manifest import ManifestError
-
 from hybrid.data.demo_industrial import read_demo_industrial
 from hybrid.data.folder import read_folder
 from hybrid.data.heliconius import read_heliconius
 from hybrid.data.madsim import read_madsim
+from hybrid.data.manifest import ManifestError
 from hybrid.data.mvtec import read_mvtec_3d, read_mvtec_ad, read_mvtec_loco
 from hybrid.data.realiad import read_realiad
 from hybrid.data.visa import read_visa

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hybrid.data._files import (FileIndex, Problems, check_unique, folder, pick_categories,
-                                read_csv)
+from hybrid.data._files import FileIndex, Problems, check_unique, folder, pick_categories, read_csv
 from hybrid.data.manifest import ManifestError
 
 COLUMNS = ("object", "split", "label", "image", "mask")

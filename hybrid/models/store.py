@@ -326,8 +326,6 @@ def fetch(names: list[str] | None = None) -> list[Path]:
     return paths
 
 
-WEIGHT_MODES = ("auto", "real", "random")
-
 
 def resolve_mode(name: str, mode: str, path: str | Path | None = None, what: str = "") -> Path | None:
     """The weight policy every stage's ``weights: auto | real | random`` follows, in one place.
@@ -336,6 +334,8 @@ def resolve_mode(name: str, mode: str, path: str | Path | None = None, what: str
     it and how to fetch it. ``auto``: the file when it is here, else None with a warning that a
     random stand-in is used (numbers not comparable to papers). ``random``: None.
     """
+    from hybrid.config import WEIGHT_MODES
+
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights {mode!r}: use one of {', '.join(WEIGHT_MODES)}")
     if mode == "random":

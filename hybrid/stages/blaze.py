@@ -30,10 +30,22 @@ from hybrid.augment import AugmentConfig
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
-from hybrid.stages.boot import DECODER, blaze_model_config, load_af_checkpoint
-from hybrid.stages.flare import (FlareConfig, ManipulatedPairs, feature_noise, file_stamp, no_tps, prune, region_store,
-                                 shard_data, stage_train_config, train_af, training_set, work_key)
 from hybrid.seeds import derive_seed
+from hybrid.stages.boot import DECODER, blaze_model_config, load_af_checkpoint
+from hybrid.stages.flare import (
+    FlareConfig,
+    ManipulatedPairs,
+    feature_noise,
+    file_stamp,
+    no_tps,
+    prune,
+    region_store,
+    shard_data,
+    stage_train_config,
+    train_af,
+    training_set,
+    work_key,
+)
 
 log = logging.getLogger(__name__)
 

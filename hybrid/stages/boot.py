@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hybrid.checkpoint import load_checkpoint
 from hybrid.data.manifest import matches, read_manifest
 from hybrid.io import write_parquet_atomic
 from hybrid.models.generator import Generator
-from hybrid.checkpoint import load_checkpoint
 from hybrid.stages.train import DEFAULT_SELECT
 from hybrid.stages.train import run as run_train_stage
 
@@ -67,7 +67,8 @@ def load_af_checkpoint(path: str | Path, stage: str, purpose: str) -> tuple[Gene
     path = Path(path)
     expect = BLAZE_MODEL if stage == "blaze" else BOOT_MODEL
     want = (f"an AnomalyFactory {stage.capitalize()} checkpoint (model level {expect['level']}, decoders "
-            f"{expect['decoders']}, conditions {expect['conditions']}), e.g. {STAGE_OUTPUTS[stage]}, made by {MAKES[stage]}")
+            f"{expect['decoders']}, conditions {expect['conditions']}), e.g. {STAGE_OUTPUTS[stage]}, made by "
+            f"{MAKES[stage]}")
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{purpose} needs {want}; {path} is not a checkpoint directory (no config.json / "
                                 "model.safetensors there)")

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
-from hybrid.stages.evaluate import read_images
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.manipulate import MANIPULATION_NAMES
 from hybrid.models.resnet import ARCHS, load_resnet, normalize
+from hybrid.stages.evaluate import read_images
 
 log = logging.getLogger(__name__)
 

@@ -398,7 +398,8 @@ def run(index: str | Path, manifest: pd.DataFrame, checkpoint: str | Path | None
                     fit_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     metrics = score(model, test)
-                    row = {"dataset": ",".join(datasets), "category": c, "shots": str(k), "k": len(shots), "setting": setting(k), "method": method,
+                    row = {"dataset": ",".join(datasets), "category": c, "shots": str(k), "k": len(shots),
+                           "setting": setting(k), "method": method,
                            "n_real": len(shots), "n_generated": n_gen,
                            "generator": generator if n_gen else "none",
                            "backbone": cfg.backbone, "backbone_weights": backbone.weights_label,

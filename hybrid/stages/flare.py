@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.augment import AugmentConfig, augment
+from hybrid.checkpoint import check_same_config, latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.io import atomic_path
@@ -61,10 +62,8 @@ from hybrid.manipulate import MANIPULATION_NAMES, ManipulateConfig, check_manipu
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator, copy_matching
 from hybrid.regions import RegionStore, semantic_region
-from hybrid.stages.boot import DECODER, load_af_checkpoint, training_rows
-from hybrid.checkpoint import (check_same_config, latest_checkpoint, load_state, save_checkpoint,
-                               set_rng_state)
 from hybrid.seeds import derive_seed
+from hybrid.stages.boot import DECODER, load_af_checkpoint, training_rows
 from hybrid.train import TrainConfig, epoch_batches, lr_at, save_tiles, setup_device, start_csv
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,7 @@ from hybrid.data.shards import ShardDataset, ShardSet, part_range, read_attrs, w
 from hybrid.io import atomic_path, write_parquet_atomic
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
-from hybrid.pipeline import (HybridPipeline, _depth_int32, _uint8_tensor, conditions, feature_noise,
-                             resolve_precision)
+from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, feature_noise, resolve_precision
 from hybrid.planning import KINDS, Job, PairingConfig, plan_jobs, safe_name
 from hybrid.viz import contact_sheet
 

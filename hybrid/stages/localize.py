@@ -53,9 +53,9 @@ from hybrid.manipulate import ManipulateConfig
 from hybrid.metrics.localization import LocalizationMetrics, binary_metrics, image_score
 from hybrid.models.generator import Generator
 from hybrid.regions import RegionStore, semantic_region
+from hybrid.seeds import derive_seed
 from hybrid.stages.boot import DECODER, load_af_checkpoint
 from hybrid.stages.flare import FlareConfig, anomaly_edges, feature_noise
-from hybrid.seeds import derive_seed
 from hybrid.viz import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def read_rows(rows: pd.DataFrame, shard_dir: Path, fields: Sequence[str]) -> tup
             for k in fields:
                 if k not in f:
                     if k in ("image", "edge"):
-                        raise ValueError(f"the preprocess shard {shard_dir / str(shard)} has no {k!r} array; Blaze needs "
-                                         "the images and their edge maps (preprocess with an edge_model)")
+                        raise ValueError(f"the preprocess shard {shard_dir / str(shard)} has no {k!r} array; "
+                                         "Blaze needs the images and their edge maps (preprocess with an edge_model)")
                     continue
                 if k not in out:
                     out[k] = np.zeros((len(rows), *f[k].shape[1:]), f[k].dtype)
@@ -455,9 +455,18 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
                        cfg: LocalizeConfig, evaluate_cfg: Mapping | None, device: torch.device) -> dict:
     """IS and cluster LPIPS of Boot and Flare on the same (reference, manipulated edge) pairs, per
     dataset, category, region strategy and reference source (Tables 1-2; see the module doc)."""
-    from hybrid.stages.evaluate import (EvaluateConfig, _fit, _score, inception_network, lpips_network, metric_settings,
-                                 pool_to_logits, read_images, sample_centres)
     from hybrid.metrics.kid import inception_pool
+    from hybrid.stages.evaluate import (
+        EvaluateConfig,
+        _fit,
+        _score,
+        inception_network,
+        lpips_network,
+        metric_settings,
+        pool_to_logits,
+        read_images,
+        sample_centres,
+    )
 
     ecfg = EvaluateConfig.from_dict({k: v for k, v in (evaluate_cfg or {}).items() if k != "kinds"})
     store = RegionStore(regions) if regions else None
@@ -484,7 +493,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
         ids = pick["sample_id"].astype(str).tolist()
         own = manifest if manifest["dataset"].astype(str).nunique() < 2 else manifest[manifest["dataset"] == dataset]
         centre_rows, centre_note = sample_centres(own, index, category, ecfg.n_centres, ecfg.seed)
-        centres = _fit(read_images(centre_rows, shard_dir), arrays["image"].shape[1:3]) if len(centre_rows) >= 2 else None
+        centres = (_fit(read_images(centre_rows, shard_dir), arrays["image"].shape[1:3]) if len(centre_rows) >= 2
+                   else None)
         references = {}  # source -> reference images, one per target: the same for every strategy and generator
         for source in cfg.quality_references:
             if source == SELF:
@@ -529,8 +539,8 @@ def generation_quality(real: pd.DataFrame, index: pd.DataFrame, shard_dir: Path,
                              f"{10 * lp:.3f}" if lp is not None and not math.isnan(lp) else "n/a")
     table = pd.DataFrame(rows).reindex(columns=QUALITY_COLUMNS)
     means = []  # per dataset (Table 2's rows), then over every category
-    groups = [(d, table[table["dataset"] == d]) for d in sorted(set(table["dataset"]))] if table["dataset"].nunique() > 1 \
-        else []
+    groups = ([(d, table[table["dataset"] == d]) for d in sorted(set(table["dataset"]))]
+              if table["dataset"].nunique() > 1 else [])
     for dataset, sub in [*groups, ("(all)", table)]:
         for (strategy, source, gen), part in sub.groupby(["strategy", "reference", "generator"], sort=False):
             means.append({"dataset": dataset, "category": MEAN, "strategy": strategy, "reference": source,

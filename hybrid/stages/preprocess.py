@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.images import FITS, ImageError, fit, probe, read_capped, read_image, read_mask
-from hybrid.data.shards import ShardSet, part_range, build_index, shard_name, write_shard
+from hybrid.data.shards import ShardSet, build_index, part_range, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.maps import EDGE_MODELS, MapComputer
 from hybrid.models.depth import sensor_nearness, to_uint16

@@ -173,7 +173,7 @@ def _kind(r: object) -> str:
         v = getattr(r, col, None)
         if not _missing(v) and v != "good":
             return str(v)
-    return "anomaly" if int(getattr(r, "label")) else "normal"
+    return "anomaly" if int(r.label) else "normal"
 
 
 def training_section(losses_csv: Path | None) -> str:
@@ -536,7 +536,8 @@ def segmentation_section(seg: Mapping) -> str:
              "note": _short_note(r.get("note"))} for r in means.to_dict("records")]
     comp += [{"source": f"paper 003 ({ds})", "training set": "AnoHybrid" if ds == "MVTec 3D-AD" else name,
               "modality": name if ds == "MVTec 3D-AD" else "rgb",
-              "pixel AUC/AP/F1": "/".join(f"{x:.1f}" for x in v[:3]), "image AUC/AP/F1": "/".join(f"{x:.1f}" for x in v[3:]),
+              "pixel AUC/AP/F1": "/".join(f"{x:.1f}" for x in v[:3]),
+              "image AUC/AP/F1": "/".join(f"{x:.1f}" for x in v[3:]),
               "note": "Table 4 (MVTec 3D-AD mean)" if ds == "MVTec 3D-AD" else "Table 2, mean of 15 categories"}
              for (ds, name), v in PAPER_SEGMENT_MEANS.items()]
     body.append('<h3>Means beside the published ones</h3><p class="note">The papers train at 256 px on the full '
@@ -628,7 +629,8 @@ def config_section(config: Mapping | None, auto_notes: list[str] | None = None) 
     notes = ("<h3>What the auto settings chose</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in auto_notes)
              + "</ul>") if auto_notes else ""
     return section("config", "Configuration",
-                   f'{notes}<p class="note">The configuration of this run, auto values resolved.</p><pre>{esc(text)}</pre>')
+                   f'{notes}<p class="note">The configuration of this run, auto values resolved.</p>'
+                   f'<pre>{esc(text)}</pre>')
 
 
 AF_METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")

@@ -67,7 +67,8 @@ def run(index: str | Path, out: str | Path, cfg: RegionConfig | Mapping | None =
         labels.append(maps)
         ids += g["sample_id"].astype(str).tolist()
         counts += [int(len(np.unique(m)) - (m == 0).any()) for m in maps]
-        log.info("sam_regions: %s: %d images, %.1f candidates each on average", shard, len(g), np.mean(counts[-len(g):]))
+        log.info("sam_regions: %s: %d images, %.1f candidates each on average", shard, len(g),
+                 np.mean(counts[-len(g):]))
     labels = np.concatenate(labels) if labels else np.zeros((0, 1, 1), np.uint8)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     write_regions(out, labels, ids, {"status": "sam", "note": "", "model": str(source), "settings": settings,

@@ -17,10 +17,10 @@ import h5py
 import pandas as pd
 import torch
 
+from hybrid.checkpoint import PUBLISHED, keep_published
 from hybrid.data.manifest import matches, read_manifest
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.models.generator import DEFAULT_CONDITIONS
-from hybrid.checkpoint import PUBLISHED, keep_published
 from hybrid.train import train
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from hybrid.stages.classify import ClassifyStageConfig, run
 from hybrid.log import setup_logging
+from hybrid.stages.classify import ClassifyStageConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 cfg = ClassifyStageConfig.from_dict({**snakemake.params.classify, "paths": snakemake.params.paths})  # noqa: F821

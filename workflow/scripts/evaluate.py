@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from hybrid.stages.evaluate import EvaluateConfig, run
 from hybrid.log import setup_logging
+from hybrid.stages.evaluate import EvaluateConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 cfg = EvaluateConfig.from_dict({**snakemake.params.evaluate, "paths": snakemake.params.paths})  # noqa: F821

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
-from hybrid.stages.generate import GenerateConfig, run
 from hybrid.log import setup_logging
+from hybrid.stages.generate import GenerateConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 run(

@@ -4,9 +4,9 @@ in results/generated/, and their rows as the job's output."""
 from pathlib import Path
 
 from hybrid.data.manifest import read_manifest
-from hybrid.stages.generate import GenerateConfig, run
 from hybrid.io import write_parquet_atomic
 from hybrid.log import setup_logging
+from hybrid.stages.generate import GenerateConfig, run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 cfg = GenerateConfig.from_dict(snakemake.params.generate)  # noqa: F821

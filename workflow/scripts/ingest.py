@@ -1,7 +1,7 @@
 """Snakemake adapter: read the configured dataset layout(s) into results/manifest.parquet."""
 
-from hybrid.stages.ingest import run
 from hybrid.log import setup_logging
+from hybrid.stages.ingest import run
 
 setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
 run(
