@@ -39,7 +39,7 @@ from PIL import Image
 
 from hybrid.config import resolve_device
 from hybrid.data.shards import to_unit
-from hybrid.io import atomic_path
+from hybrid.io import write_png
 from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.generator import Generator
 from hybrid.seeds import derive_seed
@@ -303,8 +303,7 @@ class HybridOutput:
             raise ValueError(f"{out} is a file; give a folder for the outputs")
         written = {}
         for name, a in {**self.files(), "sheet": self.sheet()}.items():
-            with atomic_path(out / f"{name}.png") as tmp:
-                Image.fromarray(a).save(tmp, format="PNG")
+            write_png(out / f"{name}.png", a)
             written[name] = out / f"{name}.png"
         return written
 

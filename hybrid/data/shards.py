@@ -9,6 +9,7 @@ An ``index.parquet`` beside the shards maps sample_id -> (shard, index).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -145,6 +146,20 @@ class ShardSet:
             return None
         return (f"the last complete {self.stage} output is kept in {kept} (its shards and index; copy them "
                 f"into {self.out_dir} to use them while this run is fixed)")
+
+
+@contextlib.contextmanager
+def says_what_is_kept(out_dir: str | Path, stage: str):
+    """Around a shard-writing stage: a failure logs, and notes on the exception, where the last
+    complete set is kept (:meth:`ShardSet.kept_note`)."""
+    try:
+        yield
+    except BaseException as e:
+        note = ShardSet(out_dir, 0, stage).kept_note()
+        if note:
+            log.error("%s failed: %s", stage, note)
+            e.add_note(note)
+        raise
 
 
 def build_index(shard_paths: Sequence[str | Path]) -> pd.DataFrame:

@@ -44,14 +44,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from hybrid.baselines import METHODS, CutPasteConfig, PerlinConfig, TextureFolder, synthesize
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import matches
-from hybrid.data.shards import ShardDataset, ShardSet, read_attrs, write_shard
-from hybrid.io import atomic_path, write_parquet_atomic
+from hybrid.data.shards import ShardDataset, ShardSet, read_attrs, says_what_is_kept, write_shard
+from hybrid.io import write_parquet_atomic, write_png
 from hybrid.planning import safe_name
 from hybrid.seeds import derive_seed
 from hybrid.stages.generate import read_generated
@@ -274,9 +273,7 @@ def write_sheet(path: Path, rows: pd.DataFrame, out_dir: Path, images: _Images, 
         cols = max(cols, len(row))
     data.close()
     if cells:
-        sheet = contact_sheet(cells, labels, cols=cols, cell=128)
-        with atomic_path(path) as tmp:
-            Image.fromarray(sheet).save(tmp, format="PNG")
+        write_png(path, contact_sheet(cells, labels, cols=cols, cell=128))
 
 
 def run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: BaselinesConfig,
@@ -285,8 +282,15 @@ def run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: Bas
 
     ``index``: the preprocess stage's index.parquet (its shards beside it); ``manifest``: the ingest
     manifest; ``select``: the rows to draw sources from (the generate stage's ``generate.select``).
-    Returns the manifest of the outputs. Shards whose fingerprint matches are kept.
+    Returns the manifest of the outputs. Shards whose fingerprint matches are kept; a failure leaves the
+    last complete set in ``out_dir/.published`` and says so.
     """
+    with says_what_is_kept(out_dir, "baselines"):
+        return _run(index, manifest, out_dir, cfg, select)
+
+
+def _run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: BaselinesConfig,
+         select: Mapping | None) -> pd.DataFrame:
     if cfg.count is None:
         raise ValueError("baselines.count is null and no default was given (the workflow passes "
                          "generate.local.count)")

@@ -35,12 +35,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from hybrid.config import PRECISIONS, check_choices, check_device, check_keys, choice, resolve_device
-from hybrid.data.shards import ShardDataset, ShardSet, part_range, read_attrs, write_shard
-from hybrid.io import atomic_path, write_parquet_atomic
+from hybrid.data.shards import ShardDataset, ShardSet, part_range, read_attrs, says_what_is_kept, write_shard
+from hybrid.io import write_parquet_atomic, write_png
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
 from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, feature_noise, resolve_precision
@@ -111,14 +110,8 @@ def run(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_d
     the parts' device and precision are theirs (a gather on a CPU node does not redo GPU shards).
     A failure leaves the last complete generated set in ``out_dir/.published`` and says so.
     """
-    try:
+    with says_what_is_kept(out_dir, "generate"):
         return _run(checkpoint, index, manifest, out_dir, cfg, depth_checkpoint, part, gather)
-    except BaseException as e:
-        note = ShardSet(out_dir, 0, "generate").kept_note()
-        if note:
-            log.error("generate failed: %s", note)
-            e.add_note(note)
-        raise
 
 
 def _run(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_dir: str | Path,
@@ -474,6 +467,4 @@ def write_sheet(path: Path, rows: pd.DataFrame, out_dir: Path, samples: Samples,
             cols = max(cols, len(row))
     gen.close()
     if images:
-        sheet = contact_sheet(images, labels, cols=cols, cell=128)
-        with atomic_path(path) as tmp:
-            Image.fromarray(sheet).save(tmp, format="PNG")
+        write_png(path, contact_sheet(images, labels, cols=cols, cell=128))

@@ -48,7 +48,7 @@ import torch
 
 from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
-from hybrid.io import atomic_path, write_json_atomic, write_parquet_atomic
+from hybrid.io import write_json_atomic, write_parquet_atomic, write_png
 from hybrid.manipulate import ManipulateConfig
 from hybrid.metrics.localization import LocalizationMetrics, binary_metrics, image_score
 from hybrid.models.generator import Generator
@@ -247,15 +247,6 @@ def overlay(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     out[edge] = (255, 255, 0)
     return out.round().astype(np.uint8)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode the PNG {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
 
 
 FLARE_COLUMNS = ["normal image", "Flare: regions", "Flare: anomaly edges", "Flare: anomaly image",

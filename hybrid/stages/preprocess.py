@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.images import FITS, ImageError, fit, probe, read_capped, read_image, read_mask
-from hybrid.data.shards import ShardSet, build_index, part_range, shard_name, write_shard
+from hybrid.data.shards import ShardSet, build_index, part_range, says_what_is_kept, shard_name, write_shard
 from hybrid.io import write_parquet_atomic
 from hybrid.maps import EDGE_MODELS, MapComputer
 from hybrid.models.depth import sensor_nearness, to_uint16
@@ -302,14 +302,8 @@ def run(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig,
     skipped.parquet from the K records, exactly as one job would have. A failure leaves the last
     complete shard set in ``out_dir/.published`` and says so.
     """
-    try:
+    with says_what_is_kept(out_dir, "preprocess"):
         return _run(manifest, out_dir, cfg, auto, part)
-    except BaseException as e:
-        note = ShardSet(out_dir, 0, "preprocess").kept_note()
-        if note:
-            log.error("preprocess failed: %s", note)
-            e.add_note(note)
-        raise
 
 
 def _run(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig, auto: list[str] | None,

@@ -76,7 +76,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid.config import PRECISIONS, check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import read_manifest
-from hybrid.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
+from hybrid.io import atomic_dir, write_json_atomic, write_parquet_atomic, write_png
 from hybrid.metrics.localization import PixelMetrics, binary_metrics, image_score
 from hybrid.models.unet import DiscriminativeSubNetwork, Segmenter, UNet, draem_weights_init
 from hybrid.seeds import derive_seed
@@ -476,15 +476,6 @@ def write_strip(path: Path, images: np.ndarray, masks: np.ndarray, names: list[s
         labels += [name] * len(m)
     sheet = contact_sheet(tiles, labels, cols=len(images), cell=int(min(max(images.shape[1], 128), 192)))
     write_png(path, sheet)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """An RGB (H, W, 3) or gray (H, W) uint8 image as a PNG, atomically."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image)
-    if not ok:
-        raise OSError(f"could not encode the PNG {path}")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
 
 
 # ----------------------------------------------------------------------------- the stage
