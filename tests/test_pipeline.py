@@ -95,7 +95,8 @@ def test_save_pretrained_round_trips_and_writes_a_model_card(tmp_path):
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["model"] == G.config and config["step"] == 40
     card = (tmp_path / "g" / "README.md").read_text()
-    assert "depth-level" in card and "12 samples" in card and "40 steps" in card and "settings hash" in card
+    assert "depth-level" in card and "12 samples" in card and "40 steps over 3 epochs" in card
+    assert "settings hash" in card
     with pytest.raises(ValueError, match="needs a rgb-level"):
         Generator.from_pretrained(tmp_path / "g", level="rgb", purpose="generation")
     (tmp_path / "g" / "model.safetensors").write_bytes(b"broken")

@@ -288,7 +288,8 @@ def model_card(G: Generator, config: Mapping, settings_hash: str) -> str:
         lines.append("- not recorded")
     lines += ["", "## Training", ""]
     if "step" in config:
-        lines.append(f"- {config['step']} steps, {config.get('epoch', '?')} epochs done")
+        epochs = int(config["epoch"]) + 1 if "epoch" in config else "?"  # config's epoch: the last step's, 0-based
+        lines.append(f"- {config['step']} steps over {epochs} epochs")
     if train:
         keys = ("epochs", "epochs_decay", "batch_size", "lr", "lambda_feat", "lambda_vgg", "shared_geometry")
         lines.append("- " + ", ".join(f"{k} {train[k]}" for k in keys if k in train))
