@@ -435,3 +435,22 @@ def test_the_path_overrides_are_called_paths():
     for cls in (PreprocessConfig, EvaluateConfig, ClassifyStageConfig, ClassifyDefectsConfig):
         assert PATHS in {f.name for f in dataclasses.fields(cls)}, cls
     assert "weights=model_paths()" not in rule_text()
+
+
+def test_the_model_section_is_the_generators_signature():
+    """model has no dataclass of its own: its keys are Generator's constructor arguments, its level
+    enum the user-facing levels of ROLES (blaze is AnomalyFactory's, set by its stages), its
+    condition and decoder enums the names ROLES and CHANNELS allow."""
+    import inspect
+
+    from hybrid.models.generator import CHANNELS, ROLES, Generator
+
+    model = SCHEMA["properties"]["model"]["properties"]
+    assert set(model) == set(inspect.signature(Generator).parameters)
+    assert set(model["level"]["enum"]) == set(ROLES) - {"blaze"}
+    conditions = next(o for o in model["conditions"]["oneOf"] if o.get("type") == "array")["items"]["enum"]
+    assert set(conditions) == {f"{side}_{m}" for side in ("reference", "target") for m in CHANNELS}
+    decoders = next(o for o in model["decoders"]["oneOf"] if o.get("type") == "array")["items"]["enum"]
+    assert set(decoders) == {d for level in ROLES.values() for d in level}
+    defaults = {k: p.default for k, p in inspect.signature(Generator).parameters.items()}
+    assert CONFIG["model"]["level"] == defaults["level"]

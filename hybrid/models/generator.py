@@ -54,6 +54,7 @@ LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (Anomal
                "blaze": "Blaze-level (AnomalyFactory BlazeDetector)"}
 
 CHANNELS = {"image": 3, "depth": 1, "edge": 1}
+DECODERS = ("AHD", "AHE")  # the decoder groups: depth-guided and edge-guided
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from hybrid.data.shards import ShardDataset
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.metrics.challenge import challenge_scores, read_predictions, read_reference, write_predictions
 from hybrid.models import store
+from hybrid.models.generator import DECODERS
 
 if TYPE_CHECKING:
     from transformers import Dinov2Model
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAND_IN = "random stand-in (numbers not comparable to papers)"
-DECODERS = ("AHD", "AHE")
 SPLITS = ("val", "test")  # the Heliconius reference CSVs (ref_val.csv, ref_test.csv)
 CHUNK = 256  # images read and featurised at a time (memory stays flat)
 RESULT_COLUMNS = ["head", "train_set", "n_train", "n_generated", "major_recall", "minor_recall", "mimic_recall",

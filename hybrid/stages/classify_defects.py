@@ -37,13 +37,13 @@ from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device,
 from hybrid.data.manifest import read_manifest
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.manipulate import MANIPULATION_NAMES
+from hybrid.models.generator import DECODERS
 from hybrid.models.resnet import ARCHS, load_resnet, normalize
 from hybrid.stages.evaluate import read_images
 
 log = logging.getLogger(__name__)
 
 MEAN = "(mean)"
-DECODERS = ("AHD", "AHE")
 COLUMNS = ["category", "variant", "manipulation", "accuracy", "n_train", "n_test", "n_classes", "classes",
            "weights", "note"]
 

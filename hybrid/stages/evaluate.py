@@ -43,6 +43,7 @@ from hybrid.metrics.inception_score import inception_score
 from hybrid.metrics.kid import inception_pool, kid_from_features
 from hybrid.metrics.lpips import LPIPS, NETS, load_lpips
 from hybrid.models import store
+from hybrid.models.generator import DECODERS
 from hybrid.models.inception import InceptionV3Compat, load_inception
 from hybrid.planning import KINDS
 
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 
 STAND_IN = "random stand-in (numbers not comparable to papers)"
 MIN_CENTRES = 2  # fewer real anomalies than this: no cluster LPIPS for the category
-DECODERS = ("AHD", "AHE")
 MEAN = "(mean)"  # the category name of the rows that average over categories
 COLUMNS = ["category", "decoder", "n_images", "is_mean", "is_std", "is_splits", "lpips", "lpips_std",
            "n_centres", "n_clusters_used", "kid_mean", "kid_std", "n_real", "is_weights", "lpips_weights", "settings",

@@ -27,11 +27,11 @@ from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import read_manifest
 from hybrid.data.shards import ShardDataset
 from hybrid.io import atomic_dir
+from hybrid.models.generator import DECODERS
 
 log = logging.getLogger(__name__)
 
 TRAIN_GOOD = ("real", "generated", "both")
-DECODERS = ("AHD", "AHE")
 
 
 @dataclass(frozen=True)
