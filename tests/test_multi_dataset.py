@@ -398,3 +398,12 @@ def test_two_datasets_run_to_generation_with_cross_dataset_references(tmp_path, 
     assert len(normal) and normal["reference_id"].str.startswith("madsim/").all()
     local = gen[gen["kind"] == "local"]  # base-set pairs of each dataset's own defect types
     assert set(local["target_id"].str.split("/").str[0]) == {"mvtec_ad", "madsim"}
+
+
+def test_a_category_name_two_datasets_share_is_told_apart():
+    from hybrid.data.manifest import distinct_categories
+
+    rows = pd.DataFrame({"dataset": ["mvtec_ad", "mvtec_ad", "visa", "visa"],
+                         "category": ["bottle", "screw", "bottle", "pcb1"]})
+    assert distinct_categories(rows).tolist() == ["mvtec_ad / bottle", "screw", "visa / bottle", "pcb1"]
+    assert distinct_categories(rows.drop(columns="dataset")).tolist() == ["bottle", "screw", "bottle", "pcb1"]

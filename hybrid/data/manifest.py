@@ -102,3 +102,16 @@ def matches(rows: pd.DataFrame, filters: dict, where: str = "filter") -> pd.Seri
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     return validate_manifest(pd.read_parquet(path), path)
+
+
+def distinct_categories(rows: pd.DataFrame) -> pd.Series:
+    """The ``category`` column as strings, with a name that several datasets of a merged manifest
+    share written ``<dataset> / <category>`` (so per-category results never mix datasets); every
+    other name is kept as it is."""
+    category = rows["category"].astype(str)
+    if "dataset" not in rows.columns:
+        return category
+    dataset = rows["dataset"].astype(str)
+    shared = dataset.groupby(category).nunique()
+    clash = category.isin(shared[shared > 1].index)
+    return category.where(~clash, dataset + " / " + category)

@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
-from hybrid.data.manifest import read_manifest
+from hybrid.data.manifest import distinct_categories, read_manifest
 from hybrid.io import write_json_atomic, write_parquet_atomic, write_png
 from hybrid.manipulate import ManipulateConfig
 from hybrid.metrics.localization import LocalizationMetrics, binary_metrics, image_score
@@ -326,7 +326,8 @@ def run(inputs: Inputs, outputs: Outputs, cfg: LocalizeConfig | Mapping | None =
     index = pd.read_parquet(inputs.index)
     real = manifest.merge(index, on="sample_id")
     real = real.assign(category=real["category"].astype(str))
-    test = real[real["split"] == "test"]
+    # localisation is per category; a name two datasets share is scored apart as "dataset / category"
+    test = real.assign(category=distinct_categories(real))[real["split"] == "test"]
     left_base = 0
     if cfg.test_protocol == "eval" and "protocol" in test.columns:
         base = (test["protocol"].astype("string") == "base").fillna(False).astype(bool)
