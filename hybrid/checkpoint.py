@@ -10,9 +10,12 @@ the work folder (:func:`keep_published`) so that a failed rerun never loses it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from torch import nn
 
 from hybrid.io import atomic_dir, publish  # noqa: F401 (publish: re-exported for the stages)
 from hybrid.models.generator import Generator
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path, level: str | None = None, purpose: str = "this use") -> Generator:
@@ -113,3 +118,32 @@ def keep_published(checkpoint: Path, kept: Path) -> None:
         os.rename(kept, old)
     os.rename(tmp, kept)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def keeps_published(stage: str, checkpoint: str | Path, work_root: Path, work_dir: Path) -> Iterator[None]:
+    """Around a training stage: on failure, say where the last published checkpoint is kept (Snakemake
+    has removed ``checkpoint``, the output) and where this run's periodic checkpoints are; on
+    success (call :func:`published` with what the block published)."""
+    kept = Path(work_root) / PUBLISHED
+    try:
+        yield
+    except BaseException as e:
+        if (kept / "config.json").exists():
+            note = (f"{stage} failed; the last published checkpoint is kept in {kept} (copy it to {checkpoint} to "
+                    f"use it) and the periodic checkpoints of this run in {work_dir}")
+            log.error("%s", note)
+            e.add_note(note)
+        raise
+
+
+def published(stage: str, checkpoint: Path, work_root: Path, work_dir: Path) -> None:
+    """After a stage published ``checkpoint``: hard-link it into ``work_root/published`` and remove
+    the work folders of earlier settings, which it supersedes (logged)."""
+    kept = Path(work_root) / PUBLISHED
+    keep_published(Path(checkpoint), kept)
+    for other in Path(work_root).iterdir():
+        if other.is_dir() and other not in (Path(work_dir), kept) and not other.name.startswith("."):
+            shutil.rmtree(other, ignore_errors=True)
+            log.info("%s: removed the superseded work folder %s (the checkpoint of this run is published)", stage,
+                     other)

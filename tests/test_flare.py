@@ -167,6 +167,28 @@ def test_flare_trains_from_boot_resumes_exactly_and_leaves_boot_alone(tmp_path):
     assert pd.read_csv(work / "losses.csv").equals(losses)
 
 
+def test_a_failed_flare_rerun_keeps_the_published_checkpoint_and_says_where(tmp_path, monkeypatch):
+    import hybrid.stages.flare as flare_stage
+    from hybrid.checkpoint import PUBLISHED
+
+    data = make_results(tmp_path)
+    boot = save_af_checkpoint(tmp_path / "boot", "boot")
+    out = flare_run(data, boot, tmp_path / "a")
+    first = digest(out)
+    kept = tmp_path / "a" / "work" / PUBLISHED
+    assert digest(kept) == first
+
+    def dies(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(flare_stage, "train_af", dies)
+    (tmp_path / "a" / "ckpt").rename(tmp_path / "gone")  # Snakemake removes the output of the job it reruns
+    with pytest.raises(RuntimeError) as e:
+        flare_run(data, boot, tmp_path / "a", flare={"noise_std": 0.2})  # other settings, then a failure
+    assert f"the last published checkpoint is kept in {kept}" in "\n".join(e.value.__notes__)
+    assert digest(kept) == first
+
+
 def test_flare_without_or_with_a_wrong_boot_checkpoint_names_what_to_make(tmp_path):
     data = make_results(tmp_path)
     with pytest.raises(FileNotFoundError) as e:

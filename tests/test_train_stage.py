@@ -42,12 +42,12 @@ def test_a_failed_rerun_keeps_the_last_published_checkpoint_and_says_where(tmp_p
     import shutil
 
     shutil.rmtree(first)
-    with caplog.at_level(logging.INFO, logger="hybrid.stages.train"), pytest.raises(FileNotFoundError):
+    with caplog.at_level(logging.INFO), pytest.raises(FileNotFoundError):
         run(tmp_path, perceptual="vgg19", lr=1e-3)
     assert f"the last published checkpoint is kept in {kept}" in caplog.text
     assert (kept / "model.safetensors").exists() and len([p for p in (tmp_path / "work").iterdir()]) == 3
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hybrid.stages.train"):
+    with caplog.at_level(logging.INFO):
         run(tmp_path, lr=1e-3)  # fixed: published, and only now are the superseded folders removed
     assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.name != PUBLISHED).__len__() == 1
     assert caplog.text.count("removed the superseded work folder") == 2

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hybrid.augment import AugmentConfig
+from hybrid.checkpoint import keeps_published, published
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
@@ -38,7 +39,6 @@ from hybrid.stages.flare import (
     feature_noise,
     file_stamp,
     no_tps,
-    prune,
     region_store,
     shard_data,
     stage_train_config,
@@ -127,12 +127,13 @@ def run(index: str | Path, manifest: str | Path, flare: str | Path, checkpoint: 
                         ("heat Flare", t["heat"])]
         return t
 
-    out = train_af("blaze", pairs, targets, checkpoint, work, model, train, bc.w_bh, 0.0,
-                   flare if bc.init == "flare" else None,
-                   {**dataclasses.asdict(bc), "flare": str(flare), "regions": store.status if store else "off",
-                    "region_mix": fc.region_mix, "manipulations": list(fc.manipulations)},
-                   augment_cfg=aug, max_steps=max_steps, losses_csv=losses, samples_dir=samples,
-                   data={**data, "flare_data": flare_config.get("data")}, teachers=(flare_G,))
+    with keeps_published("blaze", checkpoint, work_root, work):
+        out = train_af("blaze", pairs, targets, checkpoint, work, model, train, bc.w_bh, 0.0,
+                       flare if bc.init == "flare" else None,
+                       {**dataclasses.asdict(bc), "flare": str(flare), "regions": store.status if store else "off",
+                        "region_mix": fc.region_mix, "manipulations": list(fc.manipulations)},
+                       augment_cfg=aug, max_steps=max_steps, losses_csv=losses, samples_dir=samples,
+                       data={**data, "flare_data": flare_config.get("data")}, teachers=(flare_G,))
     if out == Path(checkpoint):
-        prune(work_root, work)
+        published("blaze", out, work_root, work)
     return out

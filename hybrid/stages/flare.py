@@ -53,7 +53,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hybrid.augment import AugmentConfig, augment
-from hybrid.checkpoint import check_same_config, latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from hybrid.checkpoint import (
+    check_same_config,
+    keeps_published,
+    latest_checkpoint,
+    load_state,
+    published,
+    save_checkpoint,
+    set_rng_state,
+)
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.io import atomic_path
@@ -425,12 +433,6 @@ def work_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prune(work_root: Path, keep: Path) -> None:
-    for other in work_root.iterdir() if work_root.is_dir() else []:
-        if other.is_dir() and other != keep:
-            shutil.rmtree(other, ignore_errors=True)
-
-
 def run(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: str | Path,
               losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
               flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping, sam_cfg: Mapping | None = None,
@@ -466,11 +468,12 @@ def run(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: s
                         ("region", batch["region"]), ("edited edge", batch["target_edge"]), ("Boot I_t", t["target"])]
         return t
 
-    out = train_af("flare", pairs, targets, checkpoint, work, boot_G.config, train, fc.w_fh, fc.noise_std, boot,
-                   {**dataclasses.asdict(fc), "manipulations": list(fc.manipulations), "boot": str(boot),
-                    "max_regions": max_regions, "regions": store.status if store else "off"},
-                   augment_cfg=aug, max_steps=max_steps, losses_csv=losses, samples_dir=samples,
-                   data={**data, "boot_data": boot_config.get("data")}, teachers=(boot_G,))
+    with keeps_published("flare", checkpoint, work_root, work):
+        out = train_af("flare", pairs, targets, checkpoint, work, boot_G.config, train, fc.w_fh, fc.noise_std, boot,
+                       {**dataclasses.asdict(fc), "manipulations": list(fc.manipulations), "boot": str(boot),
+                        "max_regions": max_regions, "regions": store.status if store else "off"},
+                       augment_cfg=aug, max_steps=max_steps, losses_csv=losses, samples_dir=samples,
+                       data={**data, "boot_data": boot_config.get("data")}, teachers=(boot_G,))
     if out == Path(checkpoint):
-        prune(work_root, work)
+        published("flare", out, work_root, work)
     return out

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import h5py
 import pandas as pd
 import torch
 
-from hybrid.checkpoint import PUBLISHED, keep_published
+from hybrid.checkpoint import keeps_published, published
 from hybrid.data.manifest import matches, read_manifest
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.models.generator import DEFAULT_CONDITIONS
@@ -68,20 +67,10 @@ def run(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses:
     log.info("train: depth maps from the shards' %r array (%s)", depth_field, data["depth_source"])
     fields = [depth_field if m == "depth" else m for m in modalities]
     dataset = Renamed(ShardDataset(idx, fields=fields, shard_dir=index.parent), {depth_field: "depth"})
-    kept = work_root / PUBLISHED
-    try:
+    with keeps_published("train", checkpoint, work_root, work_dir):
         out = train(dataset, checkpoint, work_dir, model_cfg, train_cfg, augment_cfg, losses_csv=losses,
                     samples_dir=samples, init_from=init_from, data=data)
-    except BaseException:
-        if (kept / "config.json").exists():
-            log.error("train failed; the last published checkpoint is kept in %s (copy it to %s to use it) and the "
-                      "periodic checkpoints of this run in %s", kept, checkpoint, work_dir)
-        raise
-    keep_published(Path(out), kept)
-    for other in work_root.iterdir():  # runs of earlier settings: superseded now that this one is published
-        if other.is_dir() and other not in (work_dir, kept) and not other.name.startswith("."):
-            shutil.rmtree(other, ignore_errors=True)
-            log.info("train: removed the superseded work folder %s (the checkpoint of this run is published)", other)
+    published("train", Path(out), work_root, work_dir)
     return out
 
 
