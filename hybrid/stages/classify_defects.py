@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.config import PRECISIONS, WEIGHT_MODES, check_choices, check_device, check_keys, choice, resolve_device
-from hybrid.data.manifest import read_manifest
 from hybrid.io import write_json_atomic, write_parquet_atomic
 from hybrid.manipulate import MANIPULATION_NAMES
 from hybrid.models.generator import DECODERS
 from hybrid.models.resnet import ARCHS, load_resnet, normalize
-from hybrid.stages.evaluate import read_images
+from hybrid.stages.evaluate import read_images, read_inputs
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +149,7 @@ def run(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path
     """Train and test per category, variant and manipulation subset; write
     ``out_dir/classify_defects.json`` and ``.parquet``; return the JSON content."""
     cfg = cfg if isinstance(cfg, ClassifyDefectsConfig) else ClassifyDefectsConfig.from_dict(cfg)
-    gen = generated_manifest if isinstance(generated_manifest, pd.DataFrame) else pd.read_parquet(generated_manifest)
-    real = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    index = pd.read_parquet(shard_index)
-    shard_dir = Path(shard_index).parent
+    gen, real, index, shard_dir = read_inputs(generated_manifest, manifest, shard_index)
     device = resolve_device(cfg.device)
     if "defect" not in gen.columns or not gen["defect"].notna().any():
         raise ValueError("classify_defects needs generated anomalies labelled with their defect type: generate "

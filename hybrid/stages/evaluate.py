@@ -164,6 +164,15 @@ def lpips_network(cfg: EvaluateConfig) -> tuple[LPIPS, str]:
 # ----------------------------------------------------------------------------- data
 
 
+def read_inputs(generated_manifest: str | Path | pd.DataFrame, manifest: str | Path | pd.DataFrame,
+                shard_index: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Path]:
+    """The generated manifest, the ingest manifest, the preprocess index and its shard folder, as the
+    stages that score generated images against real ones read them (frames are taken as given)."""
+    gen = generated_manifest if isinstance(generated_manifest, pd.DataFrame) else pd.read_parquet(generated_manifest)
+    real = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    return gen, real, pd.read_parquet(shard_index), Path(shard_index).parent
+
+
 def read_images(rows: pd.DataFrame, shard_dir: str | Path) -> np.ndarray:
     """uint8 (N,H,W,3) images of index rows (sample_id, shard, index) from the shards in ``shard_dir``."""
     if rows.empty:
@@ -272,10 +281,7 @@ def run(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path
     ``skipped`` (what was not scored, and why) and ``config``.
     """
     cfg = cfg if isinstance(cfg, EvaluateConfig) else EvaluateConfig.from_dict(cfg)
-    gen = generated_manifest if isinstance(generated_manifest, pd.DataFrame) else pd.read_parquet(generated_manifest)
-    real = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    index = pd.read_parquet(shard_index)
-    shard_dir = Path(shard_index).parent
+    gen, real, index, shard_dir = read_inputs(generated_manifest, manifest, shard_index)
     device = resolve_device(cfg.device)
     kinds = resolve_kinds(cfg.kinds, real)
     left_out = gen[~gen["kind"].isin(kinds)]
