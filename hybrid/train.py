@@ -39,6 +39,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,6 +338,20 @@ def save_tiles(path: Path, columns: list[torch.Tensor], rows: int = 4) -> None:
         Image.fromarray(grid.permute(1, 2, 0).round().byte().numpy()).save(tmp, format="PNG")
 
 
+def publish_run(checkpoint: Callable[[Path], None], work_dir: Path, step: int, out_dir: Path, csv_path: Path,
+                losses_csv: str | Path | None, samples: Path, samples_dir: str | Path | None) -> None:
+    """A finished run's last step: its work checkpoint (unless a resumed finished run has it), the
+    published checkpoint ``out_dir``, and copies of the losses CSV and the sample grids."""
+    if not (work_dir / f"ckpt-{step:08d}").exists():
+        checkpoint(work_dir / f"ckpt-{step:08d}")
+    checkpoint(out_dir)
+    if losses_csv is not None:
+        with atomic_path(losses_csv) as tmp:
+            shutil.copyfile(csv_path, tmp)
+    if samples_dir is not None:
+        shutil.copytree(samples, Path(samples_dir), dirs_exist_ok=True)
+
+
 # ----------------------------------------------------------------------------- the loop
 def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -516,14 +531,7 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
     if step < total:  # stopped early by max_steps, as if killed
         return latest_checkpoint(work_dir) or work_dir
     if rank == 0:
-        if not (work_dir / f"ckpt-{step:08d}").exists():  # resumed a finished run
-            checkpoint(work_dir / f"ckpt-{step:08d}")
-        checkpoint(out_dir)
-        if losses_csv is not None:
-            with atomic_path(losses_csv) as tmp:
-                shutil.copyfile(csv_path, tmp)
-        if samples_dir is not None:
-            shutil.copytree(samples, Path(samples_dir), dirs_exist_ok=True)
+        publish_run(checkpoint, work_dir, step, out_dir, csv_path, losses_csv, samples, samples_dir)
         log.info("published %s", out_dir)
     if world > 1:
         dist.barrier()

@@ -29,21 +29,16 @@ import torch
 from hybrid.augment import AugmentConfig
 from hybrid.checkpoint import keeps_published, published
 from hybrid.config import check_choices, check_keys, choice
-from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
 from hybrid.seeds import derive_seed
 from hybrid.stages.boot import DECODER, blaze_model_config, load_af_checkpoint
 from hybrid.stages.flare import (
     FlareConfig,
     ManipulatedPairs,
+    af_run,
     feature_noise,
     file_stamp,
-    no_tps,
-    region_store,
-    shard_data,
-    stage_train_config,
     train_af,
-    training_set,
     work_key,
 )
 
@@ -90,25 +85,20 @@ def blaze_targets(G: Generator, flare: Generator, batch: Mapping[str, torch.Tens
 
 
 def run(index: str | Path, manifest: str | Path, flare: str | Path, checkpoint: str | Path,
-              losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
-              blaze_cfg: Mapping, flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping,
-              sam_cfg: Mapping | None = None, regions: str | Path | None = None, select: Mapping | None = None,
-              per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
-              threads: int = 1, max_steps: int | None = None) -> Path:
+        losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
+        blaze_cfg: Mapping, flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping,
+        sam_cfg: Mapping | None = None, regions: str | Path | None = None, select: Mapping | None = None,
+        per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
+        threads: int = 1, max_steps: int | None = None) -> Path:
     """The blaze stage: Blaze learns from the Flare checkpoint ``flare``'s anomalies (see the module doc)."""
     torch.set_num_threads(max(1, threads))
     bc, fc = BlazeConfig.from_dict(blaze_cfg), FlareConfig.from_dict(flare_cfg)
     flare_G, flare_config = load_af_checkpoint(flare, "flare", "the blaze stage")
     model = blaze_model_config(flare_G.config)
-    train = stage_train_config(train_cfg, bc.epochs, bc.batch_size)
-    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and paths:
-        train["vgg_path"] = paths.get("vgg19")
-    aug = no_tps(augment_cfg)
-    man = ManipulateConfig.from_dict({**manipulate_cfg, "manipulations": list(fc.manipulations)})
-    max_regions = int((sam_cfg or {}).get("max_regions", 3))
-    store = region_store(regions, fc.region_mix, fc.semantic_fallback, "blaze")
-    base, idx = training_set(index, manifest, select, per_dataset, seed, "anomalyfactory blaze select")
-    data, fingerprints = shard_data(Path(index), idx)
+    r = af_run("blaze", fc, bc.epochs, bc.batch_size, index, manifest, train_cfg, augment_cfg, manipulate_cfg, sam_cfg,
+               regions, select, per_dataset, seed, paths)
+    train, aug, man, max_regions, store = r.train, r.augment, r.manipulate, r.max_regions, r.store
+    base, idx, data, fingerprints = r.base, r.idx, r.data, r.fingerprints
     train_seed = int(train.get("seed", 0))
     pairs = ManipulatedPairs(base, AugmentConfig.from_dict(aug), man, fc.manipulations, fc.region_mix, store,
                              max_regions, train_seed + 1)  # other draws than Flare's own training

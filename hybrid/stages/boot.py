@@ -135,10 +135,10 @@ def training_rows(manifest: str | Path, select: Mapping | None, per_dataset: Map
 
 
 def run(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
-             samples: str | Path, work_root: str | Path, model_cfg: Mapping, train_cfg: Mapping,
-             boot_cfg: Mapping, augment_cfg: Mapping, select: Mapping | None = None,
-             per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
-             threads: int = 1) -> Path:
+        samples: str | Path, work_root: str | Path, model_cfg: Mapping, train_cfg: Mapping,
+        boot_cfg: Mapping, augment_cfg: Mapping, select: Mapping | None = None,
+        per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
+        threads: int = 1) -> Path:
     """Train Boot: the train stage with :data:`BOOT_MODEL` and ``boot_cfg`` (epochs, epochs_decay,
     batch_size) over the train section; with ``per_dataset`` on a seeded per-dataset draw of the
     selected rows (written as a manifest beside the work folders, so the work key follows it)."""

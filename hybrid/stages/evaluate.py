@@ -272,8 +272,8 @@ def _score(logits: np.ndarray, images: np.ndarray, centres: np.ndarray | None, m
 
 
 def run(generated_manifest: str | Path | pd.DataFrame, generated_dir: str | Path,
-             manifest: str | Path | pd.DataFrame, shard_index: str | Path, out_dir: str | Path,
-             cfg: EvaluateConfig | Mapping | None = None) -> dict:
+        manifest: str | Path | pd.DataFrame, shard_index: str | Path, out_dir: str | Path,
+        cfg: EvaluateConfig | Mapping | None = None) -> dict:
     """Score the generated images; write ``out_dir/evaluate.json`` and ``out_dir/evaluate.parquet``.
 
     Returns the JSON content: ``rows`` (one per category and decoder, plus ``(mean)`` rows over

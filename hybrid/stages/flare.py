@@ -64,7 +64,6 @@ from hybrid.checkpoint import (
 )
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
-from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss
 from hybrid.manipulate import MANIPULATION_NAMES, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.discriminator import MultiscaleDiscriminator
@@ -72,7 +71,7 @@ from hybrid.models.generator import Generator, copy_matching
 from hybrid.regions import RegionStore, semantic_region
 from hybrid.seeds import derive_seed
 from hybrid.stages.boot import DECODER, load_af_checkpoint, training_rows
-from hybrid.train import TrainConfig, epoch_batches, lr_at, save_tiles, setup_device, start_csv
+from hybrid.train import TrainConfig, epoch_batches, lr_at, publish_run, save_tiles, setup_device, start_csv
 
 log = logging.getLogger(__name__)
 
@@ -370,14 +369,7 @@ def train_af(stage: str, dataset: Dataset, targets: Targets, out_dir: str | Path
     bar.close()
     if step < total:
         return latest_checkpoint(work_dir) or work_dir
-    if not (work_dir / f"ckpt-{step:08d}").exists():
-        checkpoint(work_dir / f"ckpt-{step:08d}")
-    checkpoint(out_dir)
-    if losses_csv is not None:
-        with atomic_path(losses_csv) as tmp:
-            shutil.copyfile(csv_path, tmp)
-    if samples_dir is not None:
-        shutil.copytree(samples, Path(samples_dir), dirs_exist_ok=True)
+    publish_run(checkpoint, work_dir, step, out_dir, csv_path, losses_csv, samples, samples_dir)
     log.info("%s: published %s", stage, out_dir)
     return out_dir
 
@@ -433,25 +425,52 @@ def work_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class AFRun:
+    """What Flare and Blaze set up alike: the stage's train and augment sections, manipulations,
+    SAM regions, the selected training images (shards) and the data entry of config.json."""
+
+    train: dict
+    augment: dict
+    manipulate: ManipulateConfig
+    max_regions: int
+    store: RegionStore | None
+    base: ShardDataset
+    idx: pd.DataFrame
+    data: dict
+    fingerprints: list[str]
+
+
+def af_run(stage: str, fc: FlareConfig, epochs: int, batch_size: int, index: str | Path, manifest: str | Path,
+           train_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping, sam_cfg: Mapping | None,
+           regions: str | Path | None, select: Mapping | None, per_dataset: Mapping | None, seed: int,
+           paths: Mapping | None) -> AFRun:
+    """The shared set-up of the flare and blaze stages (``stage`` names them in messages)."""
+    train = stage_train_config(train_cfg, epochs, batch_size)
+    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and paths:
+        train["vgg_path"] = paths.get("vgg19")
+    man = ManipulateConfig.from_dict({**manipulate_cfg, "manipulations": list(fc.manipulations)})
+    store = region_store(regions, fc.region_mix, fc.semantic_fallback, stage)
+    base, idx = training_set(index, manifest, select, per_dataset, seed, f"anomalyfactory {stage} select")
+    data, fingerprints = shard_data(Path(index), idx)
+    return AFRun(train, no_tps(augment_cfg), man, int((sam_cfg or {}).get("max_regions", 3)), store, base, idx, data,
+                 fingerprints)
+
+
 def run(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: str | Path,
-              losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
-              flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping, sam_cfg: Mapping | None = None,
-              regions: str | Path | None = None, select: Mapping | None = None,
-              per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
-              threads: int = 1, max_steps: int | None = None) -> Path:
+        losses: str | Path, samples: str | Path, work_root: str | Path, train_cfg: Mapping,
+        flare_cfg: Mapping, augment_cfg: Mapping, manipulate_cfg: Mapping, sam_cfg: Mapping | None = None,
+        regions: str | Path | None = None, select: Mapping | None = None,
+        per_dataset: Mapping[str, int] | None = None, seed: int = 0, paths: Mapping | None = None,
+        threads: int = 1, max_steps: int | None = None) -> Path:
     """The flare stage: Flare from the Boot checkpoint ``boot`` (see the module doc)."""
     torch.set_num_threads(max(1, threads))
     fc = FlareConfig.from_dict(flare_cfg)
     boot_G, boot_config = load_af_checkpoint(boot, "boot", "the flare stage")
-    train = stage_train_config(train_cfg, fc.epochs, fc.batch_size)
-    if train.get("perceptual", "vgg19") == "vgg19" and not train.get("vgg_path") and paths:
-        train["vgg_path"] = paths.get("vgg19")
-    aug = no_tps(augment_cfg)
-    man = ManipulateConfig.from_dict({**manipulate_cfg, "manipulations": list(fc.manipulations)})
-    max_regions = int((sam_cfg or {}).get("max_regions", 3))
-    store = region_store(regions, fc.region_mix, fc.semantic_fallback, "flare")
-    base, idx = training_set(index, manifest, select, per_dataset, seed, "anomalyfactory flare select")
-    data, fingerprints = shard_data(Path(index), idx)
+    r = af_run("flare", fc, fc.epochs, fc.batch_size, index, manifest, train_cfg, augment_cfg, manipulate_cfg, sam_cfg,
+               regions, select, per_dataset, seed, paths)
+    train, aug, man, max_regions, store = r.train, r.augment, r.manipulate, r.max_regions, r.store
+    base, idx, data, fingerprints = r.base, r.idx, r.data, r.fingerprints
     pairs = ManipulatedPairs(base, AugmentConfig.from_dict(aug), man, fc.manipulations, fc.region_mix, store,
                              max_regions, int(train.get("seed", 0)))
     key = work_key(model=boot_G.config, train=train, flare=dataclasses.asdict(fc), augment=aug,

@@ -41,7 +41,7 @@ def ingest(layout: str, options: dict, missing: str, manifest_path: str | Path,
 
 
 def run(datasets: dict | list[dict], missing: str, manifest_path: str | Path,
-                    skipped_path: str | Path, protocol: dict | ProtocolConfig | None = None) -> pd.DataFrame:
+        skipped_path: str | Path, protocol: dict | ProtocolConfig | None = None) -> pd.DataFrame:
     """``datasets``: the config's ``dataset`` (one ``{layout, options, name?}`` mapping, or a list of
     them). Each is read and protocol-split on its own, then merged (see the module doc)."""
     cfg = protocol if isinstance(protocol, ProtocolConfig) else ProtocolConfig.from_dict(protocol)

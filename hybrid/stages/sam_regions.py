@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def run(index: str | Path, out: str | Path, cfg: RegionConfig | Mapping | None = None,
-                    fallback: bool = False, paths: Mapping[str, str] | None = None, threads: int = 1) -> dict:
+        fallback: bool = False, paths: Mapping[str, str] | None = None, threads: int = 1) -> dict:
     """Candidate maps of every image in the preprocess shards -> ``out`` (see the module doc).
 
     Without SAM weights: with ``fallback`` a file with ``status: fallback`` (no maps; Flare then draws

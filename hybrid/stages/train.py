@@ -27,9 +27,11 @@ DEFAULT_SELECT = {"split": "train", "label": 0}  # learn from normal training im
 
 
 def run(index: str | Path, manifest: str | Path, checkpoint: str | Path, losses: str | Path,
-                    samples: str | Path, work_root: str | Path, model_cfg: dict, train_cfg: dict,
-                    augment_cfg: dict, select: dict | None = None, paths: dict | None = None,
-                    threads: int = 1, init_from: str | Path | None = None) -> Path:
+        samples: str | Path, work_root: str | Path, model_cfg: dict, train_cfg: dict,
+        augment_cfg: dict, select: dict | None = None, paths: dict | None = None,
+        threads: int = 1, init_from: str | Path | None = None) -> Path:
+    """Train on the selected preprocessed samples, resuming from this settings' work folder, and
+    publish ``checkpoint`` (plus ``losses`` and ``samples``); see the module doc."""
     torch.set_num_threads(max(1, threads))
     index, work_root = Path(index), Path(work_root)
     select = DEFAULT_SELECT if select is None else select
