@@ -29,6 +29,7 @@ from hybrid.config import check_choices, check_keys, choice
 
 PAD_MODES = ("border", "zeros", "reflection")
 _FADE = 0.125  # width of the TPS fade-out ring, fraction of the window side
+_TPS_CHUNK = 2**26  # dense path: most spline kernel entries (B * H * W * 25 float32) per batched call
 
 
 @dataclass
@@ -129,10 +130,16 @@ def sample_params(batch: int, cfg: AugmentConfig, generator: torch.Generator,
     }
 
 
-def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor], dense: bool | None = None) -> torch.Tensor:
     """Warp every channel of each sample of ``x`` (B, C, H, W) by its drawn transform.
 
-    Samples that drew no transform come back bit-identical; if none did, ``x`` itself is returned.
+    Samples that drew no transform come back bit-identical. ``dense`` (default ``x.is_cuda``) picks
+    the path. Windowed (CPU): each TPS sample's spline is evaluated inside its window only (~5x
+    faster) and ``x`` itself is returned if no sample drew anything, which reads the draws on the
+    host. Dense (GPU): every sample's spline at every pixel in batched calls, masked by the draws,
+    with no host synchronisation (no ``nonzero``/``item``/``cpu``, no data-dependent shapes; params
+    on the host are copied without blocking); equal to the windowed path up to float rounding.
+    ``params["size"]`` and ``params["pad_mode"]`` must stay on the host.
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"augment expects a float (B, C, H, W) tensor, got {x.dtype} "
@@ -142,22 +149,32 @@ def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tens
         raise ValueError(f"params were drawn for batch {params['tps'].shape[0]} at size "
                          f"{tuple(params['size'].tolist())}, but x is {tuple(x.shape)}; draw them "
                          f"with sample_params(batch={b}, height={h}, width={w})")
-    flags = torch.stack([params[k] for k in ("tps", "rtp", "flip_lr", "flip_tb")], 1).cpu()
-    if not flags.any():
-        return x
-    p = {k: v.to(x.device) for k, v in params.items() if k not in ("size", "pad_mode")}
+    dense = x.is_cuda if dense is None else dense
+    keys = ("tps", "rtp", "flip_lr", "flip_tb")
+    per_sample = {k: v for k, v in params.items() if k not in ("size", "pad_mode")}
+    if dense:
+        p = {k: v.to(x.device, non_blocking=True) for k, v in per_sample.items()}
+        flags = torch.stack([p[k] for k in keys], 1)
+    else:
+        flags = torch.stack([params[k] for k in keys], 1).cpu()
+        if not flags.any():
+            return x
+        p = {k: v.to(x.device) for k, v in per_sample.items()}
     # Undo the flips (applied last), then resize-translate-pad: per axis p = a * q + c, with
     # q' = sign * q + flip * last and p = centre + (q' - shift - centre) / scale; then the TPS.
-    last = torch.tensor([w - 1.0, h - 1.0], device=x.device)
+    last = _xy(w - 1.0, h - 1.0, x.device)
     flip = torch.stack([p["flip_lr"], p["flip_tb"]], 1).float()
     scale = torch.where(p["rtp"], p["rtp_scale"], 1.0)[:, None]
     shift = torch.where(p["rtp"][:, None], p["rtp_shift"], 0.0)
     a = (1 - 2 * flip) / scale
     c = (flip * last - shift - last / 2) / scale + last / 2
     pts = torch.addcmul(c[:, None], _pixel_grid(h, w, x.device), a[:, None])  # (B, H*W, 2)
-    if flags[:, 0].any():
+    if dense:  # fit where the params were drawn (the host in training), then copy without blocking
+        coef = _tps_fit(params["tps_dst"], params["tps_src"]).to(x.device, non_blocking=True)
+        pts = pts + _dense_tps_displacement(p, coef, pts)
+    elif flags[:, 0].any():
         pts = pts + _local_tps_displacement(p, pts)
-    grid = (2 * pts + 1) / torch.tensor([w, h], device=x.device) - 1  # align_corners=False
+    grid = (2 * pts + 1) / _xy(w, h, x.device) - 1  # align_corners=False
     dtype = torch.promote_types(x.dtype, torch.float32)
     out = F.grid_sample(x.to(dtype), grid.reshape(b, h, w, 2).to(dtype), mode="bilinear",
                         padding_mode=PAD_MODES[int(params["pad_mode"])], align_corners=False)
@@ -173,10 +190,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
 
 def _local_tps_displacement(p: dict[str, torch.Tensor], pts: torch.Tensor) -> torch.Tensor:
     """Backward displacement (B, N, 2) of each sample's windowed TPS at the points ``pts``."""
-    box = p["tps_box"]
-    u = (pts - box[:, None, :2]) / (box[:, None, 2:] - box[:, None, :2])  # window coordinates
-    t = ((0.5 - (u - 0.5).abs()) / _FADE).clamp(0, 1)  # 0 on/outside the border, 1 inside the ring
-    fade = (t * t * (3 - 2 * t)).prod(-1)  # (B, N) smoothstep fade-out
+    fade = _tps_fade(p["tps_box"], pts)
     coef = _tps_fit(p["tps_dst"], p["tps_src"])
     disp = torch.zeros_like(pts)
     for b in p["tps"].nonzero().flatten().tolist():  # evaluate inside the window only: ~5x faster
@@ -185,6 +199,27 @@ def _local_tps_displacement(p: dict[str, torch.Tensor], pts: torch.Tensor) -> to
         src = _tps_eval(coef[b:b + 1], p["tps_dst"][b:b + 1], q)
         disp[b, m] = fade[b, m, None] * (src - q)[0]
     return disp
+
+
+def _dense_tps_displacement(p: dict[str, torch.Tensor], coef: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """``_local_tps_displacement`` without host synchronisation: every sample's spline at every point.
+
+    The spline is evaluated over batch chunks of at most ``_TPS_CHUNK`` kernel entries (whole
+    samples; the chunks follow from the shapes alone), faded, and zeroed for samples without a TPS.
+    """
+    fade = _tps_fade(p["tps_box"], pts)
+    ctrl = p["tps_dst"]
+    step = max(1, _TPS_CHUNK // (pts.shape[1] * ctrl.shape[1]))
+    src = torch.cat([_tps_eval(coef[i:i + step], ctrl[i:i + step], pts[i:i + step])
+                     for i in range(0, pts.shape[0], step)])
+    return torch.where(p["tps"][:, None, None], fade[..., None] * (src - pts), 0.0)
+
+
+def _tps_fade(box: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """(B, N) smoothstep fade-out of each sample's TPS at the points, its window ``box`` (B, 4)."""
+    u = (pts - box[:, None, :2]) / (box[:, None, 2:] - box[:, None, :2])  # window coordinates
+    t = ((0.5 - (u - 0.5).abs()) / _FADE).clamp(0, 1)  # 0 on/outside the border, 1 inside the ring
+    return (t * t * (3 - 2 * t)).prod(-1)
 
 
 def tps_warp_grid(src_pts: torch.Tensor, dst_pts: torch.Tensor,
@@ -198,6 +233,13 @@ def tps_warp_grid(src_pts: torch.Tensor, dst_pts: torch.Tensor,
     src = _tps_eval(_tps_fit(dst_pts, src_pts), dst_pts, pts)
     grid = (2 * src + 1) / torch.tensor([width, height], device=src.device) - 1
     return grid.reshape(-1, height, width, 2)
+
+
+def _xy(x: float, y: float, device: torch.device) -> torch.Tensor:
+    """The pair (x, y) as a (2,) float tensor made on ``device`` (no blocking host-to-device copy).
+
+    Exact for the integer sizes it is used with."""
+    return torch.arange(2.0, device=device) * (y - x) + x
 
 
 def _pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -229,7 +271,7 @@ def _tps_fit(ctrl: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     lhs[:, :k, k:] = poly
     lhs[:, k:, :k] = poly.transpose(1, 2)
     rhs = torch.cat([target.double(), torch.zeros(b, 3, 2, dtype=c.dtype, device=c.device)], 1)
-    return torch.linalg.solve(lhs, rhs)
+    return torch.linalg.solve_ex(lhs, rhs)[0]  # solve() checks for errors: a host sync on a GPU
 
 
 def _tps_eval(coef: torch.Tensor, ctrl: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:

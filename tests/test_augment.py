@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from hybrid import augment as augment_module
 from hybrid.augment import AugmentConfig, apply_params, augment, sample_params, tps_warp_grid
 
 OFF = dict(tps_prob=0.0, rtp_prob=0.0, flip_lr=0.0, flip_tb=0.0)
+FLAGS = ("tps", "rtp", "flip_lr", "flip_tb")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -184,3 +187,108 @@ def test_tps_warp_grid_reproduces_identity_and_translation() -> None:
     grid = tps_warp_grid(src, src + torch.tensor([3.0, 2.0]), h, w)
     moved = F.grid_sample(x, grid, align_corners=False)
     assert torch.allclose(moved[..., 2:, 3:], x[..., :-2, :-3], atol=1e-4)  # src content is at dst
+
+
+# The dense path (default on CUDA) against the windowed one (default on the CPU): same numbers up to
+# float rounding (1e-5 absolute on values in [-1, 1]: the batched spline evaluation may sum in a
+# different order), and no host synchronisation.
+DENSE_CASES = {
+    "mixed": (AugmentConfig(tps_prob=0.4, rtp_prob=0.4, flip_lr=0.3, flip_tb=0.3), 12, 48, 40, 3),
+    "all_tps": (AugmentConfig(tps_prob=1.0, rtp_prob=0.5), 5, 64, 64, 4),
+    "tps_only": (AugmentConfig(**{**OFF, "tps_prob": 1.0}, pad_mode="zeros"), 3, 33, 57, 5),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_path_equals_the_windowed_path(case: str) -> None:
+    cfg, b, h, w, seed = DENSE_CASES[case]
+    params = sample_params(b, cfg, gen(seed), h, w)
+    if case == "mixed":  # samples with and without each transform, and one with none at all
+        for k in FLAGS:
+            assert params[k].any() and not params[k].all(), k
+        assert not torch.stack([params[k] for k in FLAGS], 1).any(1).all()
+    else:
+        assert params["tps"].all()
+    x = torch.rand(b, 5, h, w, generator=gen(seed + 100)) * 2 - 1
+    windowed = apply_params(x, params, dense=False)
+    dense = apply_params(x, params, dense=True)
+    assert dense.dtype == x.dtype and dense.shape == x.shape
+    torch.testing.assert_close(dense, windowed, atol=1e-5, rtol=0)
+    keep = ~torch.stack([params[k] for k in FLAGS], 1).any(1)
+    assert torch.equal(dense[keep], x[keep])  # no transform: bit-identical, not resampled
+    assert (dense[~keep] - x[~keep]).abs().amax() > 0.1  # the others really moved
+
+
+def test_dense_path_with_nothing_drawn_is_exactly_x() -> None:
+    params = sample_params(4, AugmentConfig(**OFF), gen(0), 20, 24)
+    x = torch.rand(4, 3, 20, 24, generator=gen(1)) * 2 - 1
+    assert apply_params(x, params, dense=False) is x
+    assert torch.equal(apply_params(x, params, dense=True), x)  # warped, then every sample kept
+
+
+def test_dense_path_in_batch_chunks_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = sample_params(5, AugmentConfig(tps_prob=0.7), gen(6), 32, 32)
+    x = torch.rand(5, 2, 32, 32, generator=gen(7)) * 2 - 1
+    whole = apply_params(x, params, dense=True)
+    monkeypatch.setattr(augment_module, "_TPS_CHUNK", 2 * 32 * 32 * 25)  # two samples per call
+    torch.testing.assert_close(apply_params(x, params, dense=True), whole, atol=1e-6, rtol=0)
+
+
+class HostReads(TorchFunctionMode):
+    """Records calls that read a tensor's values on the host or give it a data-dependent shape (each
+    a device synchronisation on a GPU), on any tensor but the ``allowed`` host-resident ones."""
+
+    READS = {"nonzero", "tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+             "masked_select", "unique"}
+
+    def __init__(self, allowed: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.allowed = {id(t) for t in allowed}
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) not in self.allowed:
+            index = args[1] if len(args) > 1 and name in ("__getitem__", "__setitem__") else ()
+            index = index if isinstance(index, tuple) else (index,)
+            boolean = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+            if name in self.READS or boolean:  # boolean-mask indexing: a data-dependent shape
+                self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(tps_prob=0.5), AugmentConfig(**OFF)], ids=["drawn", "none"])
+def test_dense_path_reads_nothing_on_the_host(cfg: AugmentConfig) -> None:
+    params = sample_params(6, cfg, gen(2), 24, 28)
+    x = torch.rand(6, 3, 24, 28, generator=gen(3))
+    with HostReads([params["size"], params["pad_mode"]]) as reads:
+        apply_params(x, params, dense=True)
+    assert reads.calls == []
+    with HostReads([params["size"], params["pad_mode"]]) as reads:  # the probe sees the windowed path's
+        apply_params(x, params, dense=False)
+    if cfg.tps_prob:
+        assert params["tps"].any()
+        assert set(reads.calls) == {"cpu", "__bool__", "nonzero", "tolist", "__getitem__", "__setitem__"}
+    else:
+        assert reads.calls == ["cpu", "__bool__"]  # the draws read back, then the early return
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode "
+                    "checks device synchronisation (the CPU probe above checks the same path structurally)")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_dense_path_on_cuda_does_not_synchronise(pinned: bool) -> None:
+    # As in training: draws made on the host (pinned by the DataLoader on a GPU), the maps on the device.
+    params = sample_params(6, AugmentConfig(tps_prob=0.5), gen(2), 40, 48)
+    if pinned:
+        params = {k: v if k in ("size", "pad_mode") else v.pin_memory() for k, v in params.items()}
+    x_cpu = torch.rand(6, 3, 40, 48, generator=gen(3)) * 2 - 1
+    x = x_cpu.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = apply_params(x, params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert y.is_cuda
+    # Loose: CUDA's kernels round differently from the CPU's; this test is about synchronisation.
+    torch.testing.assert_close(y.cpu(), apply_params(x_cpu, params), atol=1e-3, rtol=0)
