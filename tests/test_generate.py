@@ -254,6 +254,41 @@ def test_stage_is_deterministic_and_resumes_only_missing_or_stale_shards(tmp_pat
     assert set(pd.read_parquet(a / "manifest.parquet")["kind"]) == {"global"}
 
 
+def test_a_run_that_fails_mid_shard_leaves_its_finished_shards_and_no_partial_file(tmp_path, monkeypatch):
+    """Shards are streamed into their file a batch at a time: a failure half way through one (here the
+    sixth batch, inside the third shard) removes that shard's temporary file; the two finished shards
+    stay and a rerun writes only the rest, with the arrays of an uninterrupted run. (Batches of one
+    pair, two pairs per shard: the sixth batch is the third shard's second.)"""
+    import hybrid.pipeline as pipeline
+
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    cfg = small_cfg(batch_size=1)
+    generate(ckpt, index, manifest, tmp_path / "whole", cfg)
+    real, calls = pipeline.HybridPipeline.encode, []
+
+    def failing(self, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("the device fell over")
+        return real(self, batch)
+
+    monkeypatch.setattr(pipeline.HybridPipeline, "encode", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="fell over"):
+        generate(ckpt, index, manifest, out, cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.h5", "shard-00001.h5"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
+    monkeypatch.setattr(pipeline.HybridPipeline, "encode", real)
+    generate(ckpt, index, manifest, out, cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0000[01].h5")} == stamps
+    whole, again = shard_arrays(tmp_path / "whole"), shard_arrays(out)
+    assert whole.keys() == again.keys()
+    for name in whole:
+        for k in whole[name]:
+            np.testing.assert_array_equal(again[name][k], whole[name][k], err_msg=f"{name} {k}")
+
+
 # ----------------------------------------------------------------------------- a generator that learnt
 def train_tiny_generator(steps: int = 250) -> Generator:
     """A tiny generator taught (L1, both decoders) to draw the target's scene in the reference's colour."""

@@ -2,11 +2,12 @@
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hybrid.data.shards import ShardDataset, build_index, shard_name, write_shard
+from hybrid.data.shards import ShardDataset, ShardWriter, build_index, shard_name, write_shard
 
 
 def _write(tmp_path, i, n, start=0, with_maps=True):
@@ -68,3 +69,57 @@ def test_missing_maps_named(tmp_path):
     build_index([tmp_path / shard_name(0)]).to_parquet(tmp_path / "index.parquet")
     with pytest.raises(KeyError, match="edge"):
         ShardDataset(tmp_path / "index.parquet")
+
+
+def test_a_streamed_shard_appears_only_when_closed_and_an_aborted_one_leaves_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    depth = rng.integers(0, 65536, (4, 8, 8), dtype=np.uint16)
+    ids = ["a", "b", "c", "d"]
+    w = ShardWriter(tmp_path / "shard-00000.h5", {"image": ((8, 8, 3), np.uint8), "depth": ((8, 8), np.uint16)},
+                    {"sample_id": ids}, {"resolution": 8})
+    for rows in (slice(2, 4), slice(0, 2)):  # any order
+        w.write("image", rows, image[rows])
+        w.write("depth", rows, depth[rows])
+    assert not (tmp_path / "shard-00000.h5").exists() and len(list(tmp_path.glob(".*.partial"))) == 1
+    w.close()
+    assert not list(tmp_path.glob(".*"))
+    ds = ShardDataset(build_index([tmp_path / "shard-00000.h5"]), ("image", "depth"), tmp_path, raw=True)
+    assert all(np.array_equal(ds[i]["image"], image[i]) and np.array_equal(ds[i]["depth"], depth[i]) for i in range(4))
+    ds.close()
+
+    w = ShardWriter(tmp_path / "shard-00001.h5", {"image": ((8, 8, 3), np.uint8)}, {"sample_id": ids}, {})
+    w.write("image", slice(0, 2), image[:2])
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.h5"]
+
+
+def test_reads_of_chunked_filtered_and_contiguous_arrays_agree(tmp_path):
+    """The direct chunk read serves the shards this project writes; any other layout (a filter,
+    contiguous storage, several samples per chunk) is read through h5py and gives the same values."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    index = []
+    layouts = {"plain.h5": {"chunks": (1, 8, 8, 3)}, "gzip.h5": {"chunks": (1, 8, 8, 3), "compression": "gzip"},
+               "contiguous.h5": {}, "two.h5": {"chunks": (2, 8, 8, 3)}}
+    for name, kw in layouts.items():
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("image", data=image, **kw)
+            f.create_dataset("sample_id", data=np.array([f"{name}{i}" for i in range(3)], dtype=object),
+                             dtype=h5py.string_dtype())
+        index.append(build_index([tmp_path / name]))
+    ds = ShardDataset(pd.concat(index, ignore_index=True), ("image",), tmp_path, raw=True)
+    got = [ds[i]["image"] for i in range(len(ds))]
+    assert all(np.array_equal(g, image[i % 3]) for i, g in enumerate(got))
+    assert {s: direct for (s, _), (_, direct) in ds._arrays.items()} == {
+        "plain.h5": True, "gzip.h5": False, "contiguous.h5": False, "two.h5": False}
+    ds.close()
+
+
+def test_todo_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    from hybrid.data.shards import ShardSet
+
+    (tmp_path / ".shard-00001.h5.x1y2.h5.partial").write_bytes(b"half a shard")
+    (tmp_path / ".shard-00003.h5.z9.h5.partial").write_bytes(b"another part's shard, being written")
+    assert ShardSet(tmp_path, 4, "generate").todo(range(2), ["p0", "p1"]) == [0, 1]
+    assert [p.name for p in tmp_path.iterdir()] == [".shard-00003.h5.z9.h5.partial"]  # not this part's shard

@@ -10,6 +10,7 @@ An ``index.parquet`` beside the shards maps sample_id -> (shard, index).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from hybrid.io import atomic_path
+from hybrid.io import atomic_path, explain
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +40,112 @@ def shard_name(i: int) -> str:
 def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray], strings: Mapping[str, Sequence[str]],
                 attrs: Mapping[str, object]) -> None:
     """Write one shard atomically. ``arrays`` must include ``image``; ``strings`` ``sample_id``."""
-    if "image" not in arrays or "sample_id" not in strings:
-        raise ValueError("a shard needs an 'image' array and 'sample_id' strings")
-    n = len(strings["sample_id"])
-    # Built in memory, then written with plain file I/O: a full or read-only disk is then an ordinary
-    # OSError, never a half-closed HDF5 file that the library trips over at interpreter exit.
-    with h5py.File(f"in-memory-{id(arrays)}.h5", "w", driver="core", backing_store=False) as f:
+    arrays = {k: np.asarray(a) for k, a in arrays.items()}
+    n = len(strings.get("sample_id", ()))
+    for name, a in arrays.items():
+        if len(a) != n:
+            raise ValueError(f"shard array {name!r}: got {a.dtype} x {len(a)}, want {n} rows")
+    writer = ShardWriter(path, {k: (a.shape[1:], a.dtype) for k, a in arrays.items()}, strings, attrs)
+    try:
         for name, a in arrays.items():
-            a = np.asarray(a)
-            want = ARRAY_DTYPES.get(name, a.dtype)
-            if a.dtype != want or len(a) != n:
-                raise ValueError(f"shard array {name!r}: got {a.dtype} x {len(a)}, want {np.dtype(want)} x {n}")
-            f.create_dataset(name, data=a, chunks=(1, *a.shape[1:]) if n else None)
+            writer.write(name, slice(0, n), a)
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    writer.close()
+
+
+class ShardWriter:
+    """One shard written as it is filled, published whole or not at all.
+
+    ``arrays``: name -> (per-sample shape, dtype); ``strings`` (known up front) must hold
+    ``sample_id``, whose length is the sample count. Rows are written with :meth:`write` in any
+    order, from one thread at a time; :meth:`close` renames the temporary file onto ``path``,
+    :meth:`abort` removes it. The file's space is reserved first, so a full disk (or quota) is an
+    ordinary OSError before HDF5 writes a byte, never a half-written HDF5 file that the library
+    trips over when its objects are freed. (Writing straight into the file costs about an eighth
+    of the CPU of building an in-memory HDF5 image and copying it out: 0.3 vs 2.4 ms per 256 px
+    sample; streaming rows needs no shard-sized buffer.)
+    """
+
+    def __init__(self, path: str | Path, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 strings: Mapping[str, Sequence[str]], attrs: Mapping[str, object]) -> None:
+        if "image" not in arrays or "sample_id" not in strings:
+            raise ValueError("a shard needs an 'image' array and 'sample_id' strings")
+        self.n = n = len(strings["sample_id"])
+        for name, (_, dtype) in arrays.items():
+            want = ARRAY_DTYPES.get(name, dtype)
+            if np.dtype(dtype) != want:
+                raise ValueError(f"shard array {name!r}: got {np.dtype(dtype)}, want {np.dtype(want)}")
         for name, values in strings.items():
             if len(values) != n:
                 raise ValueError(f"shard strings {name!r}: {len(values)} values for {n} samples")
-            f.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=_STR)
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        f.flush()
-        image = f.id.get_file_image()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(image)
+        self.path = Path(path)
+        self._atomic = atomic_path(path)
+        tmp = self._atomic.__enter__()
+        self._file = None
+        try:
+            _reserve(tmp, _size_bound(n, arrays, strings, attrs))
+            self._file = h5py.File(tmp, "w")
+            for name, (shape, dtype) in arrays.items():
+                self._file.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape) if n else None)
+            for name, values in strings.items():
+                self._file.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=_STR)
+            for k, v in attrs.items():
+                self._file.attrs[k] = v
+        except BaseException as e:
+            self._discard(e)
+            raise
+
+    def write(self, name: str, rows: slice, values: np.ndarray) -> None:
+        """``values`` into rows ``rows`` (a slice, steps allowed) of the array ``name``."""
+        try:
+            self._file[name][rows] = values
+        except OSError as e:
+            raise explain(e, self.path) from e
+
+    def close(self) -> None:
+        """Finish the file and rename it onto ``path``."""
+        try:
+            self._file.close()
+        except BaseException as e:
+            self._discard(e)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Remove the temporary file (after a failure, or when the shard is not wanted)."""
+        with contextlib.suppress(BaseException):
+            self._discard(error or RuntimeError(f"{self.path} abandoned"))
+
+    def _discard(self, error: BaseException) -> None:
+        """Close the file quietly and remove it; raises ``error`` as :func:`hybrid.io.explain` words
+        it when that names a file-system cause (a full or read-only disk)."""
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+        self._atomic.__exit__(type(error), error, error.__traceback__)
+
+
+def _size_bound(n: int, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                strings: Mapping[str, Sequence[str]], attrs: Mapping[str, object]) -> int:
+    """More than the bytes a shard takes: the arrays, HDF5's index (under 100 bytes per chunk,
+    measured), the strings with their heap records, the attributes, 1 MiB for the rest."""
+    text = sum(len(str(v).encode()) + 32 for values in strings.values() for v in values)
+    data = sum(n * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
+    return data + 256 * n * (len(arrays) + len(strings)) + text + sum(len(str(v)) + 256 for v in attrs.values()) + (
+        1 << 20)
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes to ``path`` (HDF5 truncates the file to its real size on close)."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: skip
+                    raise
 
 
 def read_attrs(path: str | Path) -> dict[str, object]:
@@ -106,7 +191,11 @@ class ShardSet:
     def todo(self, mine: Iterable[int], prints: Mapping[int, str] | Sequence[str]) -> list[int]:
         """The shards of ``mine`` whose file is missing, unreadable or has another fingerprint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return [i for i in mine if not shard_is_current(self.path(i), prints[i])]
+        todo = [i for i in mine if not shard_is_current(self.path(i), prints[i])]
+        for i in todo:  # temporary files of a killed run (a shard is written over minutes)
+            for stale in self.out_dir.glob(f".{shard_name(i)}.*.partial"):
+                stale.unlink(missing_ok=True)
+        return todo
 
     def require(self, job: str) -> None:
         """A gather's check: every shard is there (each part finished), else name the missing."""
@@ -202,17 +291,42 @@ class ShardDataset(Dataset):
         self.fields = tuple(fields)
         self.raw = raw
         self._files: dict[str, h5py.File] = {}
+        self._arrays: dict[tuple[str, str], tuple[h5py.Dataset, bool]] = {}
         self._pid = os.getpid()
         if len(self.index):
             self._check_fields(self.index["shard"].iloc[0])
 
     def _file(self, shard: str) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._arrays, self._pid = {}, {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = h5py.File(self.shard_dir / shard, "r")
         return f
+
+    def read(self, shard: str, name: str, j: int) -> np.ndarray:
+        """Sample ``j`` of the array ``name`` of ``shard``, as stored.
+
+        Each dataset is opened once per process and without a chunk cache (each sample is one
+        chunk, read when asked; a 1 MiB cache kept per input shard would grow with the data set).
+        A chunk stored as written (one sample per chunk, no filter: every shard this project
+        writes) is read with one direct chunk read, about 3x cheaper than a selection.
+        """
+        f = self._file(shard)
+        got = self._arrays.get((shard, name))
+        if got is None:
+            access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            access.set_chunk_cache(0, 0, 1.0)
+            a = h5py.Dataset(h5py.h5d.open(f.id, name.encode(), access))
+            direct = (a.chunks == (1, *a.shape[1:]) and a.id.get_create_plist().get_nfilters() == 0
+                      and a.dtype.kind in "uif")
+            got = self._arrays[shard, name] = (a, direct)
+        a, direct = got
+        if not direct:
+            return a[j]
+        out = np.empty(a.shape[1:], a.dtype)
+        a.id.read_direct_chunk((j,) + (0,) * (a.ndim - 1), out=out.reshape(-1).view(np.uint8))
+        return out
 
     def _check_fields(self, shard: str) -> None:
         f = self._file(shard)
@@ -228,20 +342,19 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, object]:
         row = self.index.iloc[i]
-        f = self._file(row["shard"])
         j = int(row["index"])
         item: dict[str, object] = {"sample_id": str(row["sample_id"])}
         for k in self.fields:
-            a = f[k][j]
+            a = self.read(row["shard"], k, j)
             item[k] = a if self.raw else to_unit(a, k)
         return item
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files, self._arrays = {}, {}
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_files"], state["_arrays"] = {}, {}
         return state

@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from hybrid.config import PRECISIONS, check_choices, check_device, check_keys, choice, resolve_device
-from hybrid.data.shards import ShardDataset, ShardSet, part_range, read_attrs, says_what_is_kept, write_shard
+from hybrid.data.shards import ShardDataset, ShardSet, ShardWriter, part_range, read_attrs, says_what_is_kept
 from hybrid.io import write_parquet_atomic, write_png
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
@@ -201,29 +201,10 @@ class Samples:
         self.data = ShardDataset(index_df, fields, shard_dir, raw=True)
         self.pos = {s: i for i, s in enumerate(index_df["sample_id"])}
         self._where = list(zip(index_df["shard"].astype(str), index_df["index"].astype(int)))
-        self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
-        self._pid = os.getpid()
-
-    def _array(self, shard: str, name: str) -> h5py.Dataset:
-        """The shard's dataset ``name``, opened once per process (DataLoader workers get their own)
-        and without a chunk cache: each sample is one chunk, read when asked (an open dataset's
-        default 1 MiB cache, kept for every input shard, would grow with the data set)."""
-        if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
-        a = self._arrays.get((shard, name))
-        if a is None:
-            access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-            access.set_chunk_cache(0, 0, 1.0)
-            a = h5py.Dataset(h5py.h5d.open(self.data._file(shard).id, name.encode(), access))
-            self._arrays[shard, name] = a
-        return a
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": {}}
 
     def raw(self, sample_id: str) -> dict:
         shard, j = self._where[self.pos[sample_id]]
-        return {"sample_id": str(sample_id), **{k: self._array(shard, k)[j] for k in self.data.fields}}
+        return {"sample_id": str(sample_id), **{k: self.data.read(shard, k, j) for k in self.data.fields}}
 
     def mask(self, sample_id: str) -> np.ndarray:
         """The sample's ground-truth mask (H, W) bool; a clear error when the shards hold none."""
@@ -234,7 +215,7 @@ class Samples:
             raise ValueError(f"base-set anomaly {sample_id} has no ground-truth mask in {row['shard']}; defect-aware "
                              "local anomalies take their regions from the masks (check the dataset's mask files, "
                              "or use generate.local.source: select)")
-        return f["mask"][int(row["index"])] > 127
+        return self.data.read(row["shard"], "mask", int(row["index"])) > 127
 
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
         item = self.raw(sample_id)
@@ -289,16 +270,23 @@ class PairConditions(torch.utils.data.Dataset):
 # Shard arrays in the order they are written; "edge" / "depth" are the fed maps.
 _ARRAYS = ("image", "mask", "region", "edge", "depth", "depth_generated", "edge_generated")
 _DTYPES = {"depth": np.uint16, "depth_generated": np.uint16}
+_IN_FLIGHT = 4  # batches handed to the writer thread and not yet written (bounds memory)
 
 
 class _Shard:
-    """One output shard filled a batch at a time: preallocated arrays, rows pair-major (each pair's
-    decoders in turn), and the string columns, known from the jobs up front."""
+    """One output shard written a batch at a time as it is generated: rows pair-major (each pair's
+    decoders in turn), the string columns known from the jobs up front. The file is created at the
+    first batch (when the arrays' shapes are known) and published whole by :meth:`close`. Only the
+    writer thread calls :meth:`fill`, :meth:`close` and :meth:`abort`; the main thread counts the
+    pairs it has handed over in ``queued``."""
 
     def __init__(self, path: Path, jobs: list[Job], attrs: dict, decoders: list[str]) -> None:
         self.path, self.jobs, self.attrs, self.decoders = path, jobs, attrs, decoders
-        self.filled = 0  # pairs
-        self.arrays: dict[str, np.ndarray] = {}
+        self.queued = 0  # pairs handed to the writer
+        self.filled = 0  # pairs written
+        self.closed = False
+        self.writer: ShardWriter | None = None
+        self._buffers: dict[str, np.ndarray] = {}
         self.strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
         for j in jobs:
             for d in decoders:
@@ -309,36 +297,45 @@ class _Shard:
                                    ("reference_dataset", j.reference_dataset)):
                     self.strings[key].append(value)
 
-    def fill(self, per_decoder: Mapping[str, Mapping[str, np.ndarray]], fed: Mapping[str, np.ndarray]) -> int:
-        """Store the next batch: ``per_decoder[d][name]`` (B, ...) and the fed maps ``fed[name]``
-        (B, ...), shared by the decoders of a pair. Returns the batch's pair count."""
+    def fill(self, outputs: Mapping[str, Mapping[str, torch.Tensor]], fed: Mapping[str, np.ndarray],
+             ready: torch.cuda.Event | None = None) -> None:
+        """Write the next batch: ``outputs[d][name]`` (B, ...) per decoder (host tensors; ``ready``
+        says when their copy from the device is done) and the fed maps ``fed[name]`` (B, ...),
+        shared by the decoders of a pair."""
+        if ready is not None:
+            ready.synchronize()
         nd = len(self.decoders)
+        per_decoder = {d: {k: v.numpy() for k, v in o.items()} for d, o in outputs.items()}
         first = per_decoder[self.decoders[0]]
-        b = len(first["image"])
-        if not self.arrays:
+        if self.writer is None:
             present = {**first, **fed}
-            for name in _ARRAYS:
-                if name in present:
-                    shape = (len(self.jobs) * nd, *present[name].shape[1:])
-                    self.arrays[name] = np.empty(shape, _DTYPES.get(name, np.uint8))
+            arrays = {n: (present[n].shape[1:], _DTYPES.get(n, np.uint8)) for n in _ARRAYS if n in present}
+            self.writer = ShardWriter(self.path, arrays, self.strings, self.attrs)
+        b = len(first["image"])
         rows = slice(self.filled * nd, (self.filled + b) * nd)
-        for name, a in self.arrays.items():
-            view = a[rows].reshape(b, nd, *a.shape[1:])
+        for name in _ARRAYS:
+            if name not in fed and name not in first:
+                continue
+            buf = self._buffers.get(name)
+            shape = (b, nd, *(fed[name] if name in fed else first[name]).shape[1:])
+            if buf is None or buf.shape != shape:  # one interleaving buffer per array, reused
+                buf = self._buffers[name] = np.empty(shape, _DTYPES.get(name, np.uint8))
             if name in fed:
-                view[:] = fed[name][:, None]
+                buf[:] = fed[name][:, None]
             else:
                 for k, d in enumerate(self.decoders):
-                    view[:, k] = per_decoder[d][name]
+                    buf[:, k] = per_decoder[d][name]
+            self.writer.write(name, rows, buf.reshape(b * nd, *shape[2:]))
         self.filled += b
-        return b
 
-    @property
-    def full(self) -> bool:
-        return self.filled == len(self.jobs)
-
-    def write(self) -> None:
-        write_shard(self.path, self.arrays, self.strings, self.attrs)
+    def close(self) -> None:
+        self.writer.close()
+        self.closed = True
         log.info("generate: wrote %s (%d images)", self.path.name, len(self.strings["sample_id"]))
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeline, samples: Samples,
@@ -346,9 +343,9 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
     """Generate and write ``shards`` ((path, jobs, attrs) each). One DataLoader reads the pairs of
     all of them (workers start once); each shard's jobs are cut into batches of
     ``cfg.batch_size`` as a shard of its own would be (so outputs never depend on which shards are
-    written together). Outputs are encoded on the device; on a GPU, the copy back of one batch
-    overlaps the next batch's work. A finished shard is written in a background thread while the
-    next one is generated (one write in flight, so at most two shards are held)."""
+    written together). Outputs are encoded on the device; a background thread waits for each
+    batch's copy back and writes it into its shard's file while the next batches are generated
+    (at most ``_IN_FLIGHT`` batches queued, so memory does not grow with the shard size)."""
     G = pipe.generator
     cuda = pipe.device.type == "cuda"
     jobs = [j for _, js, _ in shards for j in js]
@@ -361,23 +358,12 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=cuda)
     todo = iter(shards)
     shard = _Shard(*next(todo), G.decoder_names)
+    opened = [shard]  # every shard begun: those not closed at the end are removed
     writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    writing: Future | None = None
-    held = None  # the previous batch: its encoded outputs (copies to the host in flight) and fed maps
+    pending: deque[Future] = deque()
 
-    def store(item: tuple) -> None:
-        nonlocal shard, writing
-        outputs, fed, ready = item
-        if ready is not None:
-            ready.synchronize()
-        n = shard.fill({d: {k: v.numpy() for k, v in o.items()} for d, o in outputs.items()}, fed)
-        bar.update(n * len(shard.decoders))
-        if shard.full:
-            if writing is not None:
-                writing.result()  # one write at a time; raises its error here
-            writing = writer.submit(shard.write)
-            nxt = next(todo, None)
-            shard = _Shard(*nxt, G.decoder_names) if nxt is not None else None
+    def done(f: Future) -> None:
+        f.result()  # raises the writer's error here
 
     try:
         for batch in loader:
@@ -392,15 +378,25 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
             for name in ("edge", "depth"):
                 if f"stored_{name}" in batch:
                     fed[name] = batch[f"stored_{name}"].numpy()
-            if held is not None:
-                store(held)
-            held = (outputs, fed, ready)
-        if held is not None:
-            store(held)
-        if writing is not None:
-            writing.result()
+            pending.append(writer.submit(shard.fill, outputs, fed, ready))
+            n = len(fed["region"])
+            shard.queued += n
+            bar.update(n * len(shard.decoders))
+            if shard.queued == len(shard.jobs):
+                pending.append(writer.submit(shard.close))
+                nxt = next(todo, None)
+                shard = _Shard(*nxt, G.decoder_names) if nxt is not None else None
+                if shard is not None:
+                    opened.append(shard)
+            while len(pending) > _IN_FLIGHT:
+                done(pending.popleft())
+        while pending:
+            done(pending.popleft())
     finally:
-        writer.shutdown(wait=True)  # a write in progress finishes (whole, under its temporary name)
+        writer.shutdown(wait=True)  # queued writes finish; then unfinished shards are removed
+        for s in opened:
+            if not s.closed:
+                s.abort()
 
 
 def _fingerprint(checkpoint: str | Path, shard_dir: Path, index_df: pd.DataFrame, cfg: GenerateConfig,
