@@ -154,30 +154,75 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
 
 
 # ----------------------------------------------------------------------------- regions
+def _shape_coords(height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
+                  angle: float, rows: slice = slice(None), cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """The shape's own coordinates (u, v), float32, of the pixels ``rows`` x ``cols`` of the (H, W)
+    image: the shape of the circle of ``radius`` is then the unit disc (a window gets the very
+    values of the full field's pixels)."""
+    dx = np.arange(width, dtype=np.float32)[cols][None] - np.float32(centre[0])
+    dy = np.arange(height, dtype=np.float32)[rows][:, None] - np.float32(centre[1])
+    c, s, k = math.cos(angle), math.sin(angle), math.sqrt(aspect)
+    u = dx * np.float32(c / (k * radius)) + dy * np.float32(s / (k * radius))  # (H, W) by broadcasting
+    v = dx * np.float32(-s * k / radius) + dy * np.float32(c * k / radius)
+    return u, v
+
+
+def _mod_2pi(x: np.ndarray) -> np.ndarray:
+    """``np.mod(x, 2 * math.pi)`` bit for bit (in x's dtype), several times faster: for |x| < 2 pi,
+    numpy's remainder is x itself, x + 2 pi below 0, and +0.0 for -0.0 (x + 0)."""
+    b = x.dtype.type(2 * math.pi)
+    if x.size and not (x.min() > -b and x.max() < b):
+        return np.mod(x, 2 * math.pi)
+    return x + np.where(x < 0, b, x.dtype.type(0))
+
+
+def _polygon(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """A random star-shaped polygon: its sorted vertex angles ``theta`` (gaps < pi: each jittered by
+    < 0.2 of the spacing) and radii, kept per position ``p`` of ``np.searchsorted(theta, phi, "right")``
+    (the edge from vertex i = p - 1 mod n to j = i + 1): theta[i], r[i], r[j], the gap theta[j] -
+    theta[i] and r[i] r[j] sin(gap), so that a pixel only computes what depends on its angle phi."""
+    n = int(rng.integers(3, 9))
+    theta = np.sort(np.mod((np.arange(n) + rng.uniform(-0.2, 0.2, n)) * 2 * math.pi / n
+                           + rng.uniform(0, 2 * math.pi), 2 * math.pi))
+    r = rng.uniform(0.5, 1.0, n)
+    i = (np.arange(n + 1) - 1) % n
+    j = (i + 1) % n
+    gap = np.mod(theta[j] - theta[i], 2 * math.pi)
+    return theta, theta[i], r[i], r[j], gap, r[i] * r[j] * np.sin(gap)
+
+
+def _polygon_score(u: np.ndarray, v: np.ndarray, polygon: tuple[np.ndarray, ...]) -> np.ndarray:
+    """-|(u, v)| / (the polygon's boundary radius at the angle of (u, v)), float64 (larger = more inside).
+    In place, the float operations of ``-hypot(u, v) / (r[i] r[j] sin(gap) / (r[i] sin(rel) + r[j]
+    sin(gap - rel)))``, rel = phi - theta[i] mod 2 pi, in their order: bit for bit the same values."""
+    theta, theta_i, r_i, r_j, gap, num = polygon
+    phi = _mod_2pi(np.arctan2(v, u))
+    p = np.searchsorted(theta, phi, side="right")
+    rel = _mod_2pi(phi - theta_i[p])
+    other = gap[p]
+    other -= rel
+    other = np.sin(other, out=other)
+    other *= r_j[p]
+    den = np.sin(rel, out=rel)
+    den *= r_i[p]
+    den += other
+    edge = num[p]
+    edge /= den  # the boundary radius, <= max(r) <= 1: on a chord between two vertices
+    h = np.hypot(u, v)
+    return np.divide(np.negative(h, out=h), edge, out=edge)
+
+
 def shape_field(shape: str, height: int, width: int, centre: tuple[float, float], radius: float,
                 aspect: float, angle: float, rng: np.random.Generator) -> np.ndarray:
     """Score (H, W) of a shape centred at ``centre`` (x, y): larger = more inside. Its top pixels
     form the shape; ``radius`` is that of the circle of the wanted area."""
-    dx = np.arange(width, dtype=np.float32)[None] - np.float32(centre[0])
-    dy = np.arange(height, dtype=np.float32)[:, None] - np.float32(centre[1])
-    c, s, k = math.cos(angle), math.sin(angle), math.sqrt(aspect)
-    u = dx * np.float32(c / (k * radius)) + dy * np.float32(s / (k * radius))  # (H, W) by broadcasting
-    v = dx * np.float32(-s * k / radius) + dy * np.float32(c * k / radius)
+    u, v = _shape_coords(height, width, centre, radius, aspect, angle)
     if shape == "ellipse":
         return -(u * u + v * v)
     if shape == "rectangle":
         return -np.maximum(np.abs(u), np.abs(v))
     if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle
-        n = int(rng.integers(3, 9))  # vertex angles: jittered by < 0.2 of the spacing, so gaps < pi
-        theta = np.sort(np.mod((np.arange(n) + rng.uniform(-0.2, 0.2, n)) * 2 * math.pi / n
-                               + rng.uniform(0, 2 * math.pi), 2 * math.pi))
-        r = rng.uniform(0.5, 1.0, n)
-        phi = np.mod(np.arctan2(v, u), 2 * math.pi)
-        i = (np.searchsorted(theta, phi, side="right") - 1) % n  # the vertex before phi
-        j = (i + 1) % n
-        rel, gap = np.mod(phi - theta[i], 2 * math.pi), np.mod(theta[j] - theta[i], 2 * math.pi)
-        edge = r[i] * r[j] * np.sin(gap) / (r[i] * np.sin(rel) + r[j] * np.sin(gap - rel))
-        return -np.hypot(u, v) / edge
+        return _polygon_score(u, v, _polygon(rng))
     if shape == "blob":  # thresholded smooth noise under an elliptic envelope: an irregular blob
         cells = int(np.clip(round(max(height, width) / (0.7 * radius)), 4, 64))
         noise = cv2.resize(rng.standard_normal((cells, cells)).astype(np.float32), (width, height),
@@ -197,6 +242,44 @@ def top_pixels(score: np.ndarray, allowed: np.ndarray | None, k: int) -> np.ndar
     return out.reshape(score.shape)
 
 
+def _polygon_region(height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
+                    angle: float, rng: np.random.Generator, allowed: np.ndarray | None, k: int) -> np.ndarray:
+    """``top_pixels(shape_field("polygon", ...), allowed, k)``, the very same pixels, with the polygon
+    scored only in a window about its centre where that provably finds them. A pixel scores at most
+    about -|(u, v)| (the boundary radius is <= max(r) <= 1), so when every pixel outside the window has
+    |(u, v)| >= t and the k-th best allowed score inside is above -0.999 t, no pixel outside is among
+    the top k; when no other pixel inside ties with the k-th, the top k are one set whatever order
+    ``np.argpartition`` leaves ties in, so they are today's. Otherwise the window grows, and a tie or
+    a window of the whole image scores the whole image."""
+    polygon = _polygon(rng)
+    kk = int(min(max(k, 1), height * width if allowed is None else allowed.sum()))  # as top_pixels
+    c, s, a = math.cos(angle), math.sin(angle), math.sqrt(aspect)
+    half = (radius * math.hypot(c * a, s / a), radius * math.hypot(s * a, c / a))  # |(u, v)| <= 1, pixels
+    # the top k fill about pi in (u, v) (k = pi radius^2 pixels of 1 / radius^2 each): the polygon
+    # (area: half the sum of r[i] r[j] sin(gap) over its n edges) scaled to that area, plus a few pixels
+    t = 1.1 * math.sqrt(2 * math.pi / polygon[-1][1:].sum()) + 3 * max(a, 1 / a) / radius
+    while kk > 0:
+        # the window: the box of |(u, v)| <= 1.01 t, a pixel more each side (|(u, v)| >= t outside)
+        x0, y0 = (max(0, math.floor(centre[d] - 1.01 * t * half[d]) - 1) for d in (0, 1))
+        x1, y1 = (min(size, math.ceil(centre[d] + 1.01 * t * half[d]) + 2) for d, size in ((0, width), (1, height)))
+        if (x0, y0, x1, y1) == (0, 0, width, height):
+            break
+        rows, cols = slice(y0, y1), slice(x0, x1)
+        score = _polygon_score(*_shape_coords(height, width, centre, radius, aspect, angle, rows, cols), polygon)
+        inside = score.ravel() if allowed is None else score[allowed[rows, cols]]
+        if inside.size >= kk:
+            kth = np.partition(inside, inside.size - kk)[inside.size - kk]
+            if kth > -0.999 * t:
+                if np.count_nonzero(inside >= kth) != kk:  # a tie at the k-th: argpartition's pick
+                    break
+                out = np.zeros((height, width), bool)
+                out[rows, cols] = score >= kth if allowed is None else (score >= kth) & allowed[rows, cols]
+                return out
+        t *= 2
+    return top_pixels(_polygon_score(*_shape_coords(height, width, centre, radius, aspect, angle), polygon),
+                      allowed, k)
+
+
 def draw_region(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
                 allowed: np.ndarray | None = None) -> np.ndarray:
     """One random region (H, W) bool of ``cfg.area`` x image pixels, inside ``allowed`` if given."""
@@ -208,6 +291,9 @@ def draw_region(height: int, width: int, rng: np.random.Generator, cfg: Manipula
     angle = rng.uniform(0, math.pi)
     cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
     cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
+    if shape == "polygon":  # the same pixels as from its shape_field, scored about its centre only
+        return _polygon_region(height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng, allowed,
+                               round(area))
     score = shape_field(shape, height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng)
     return top_pixels(score, allowed, round(area))
 

@@ -182,3 +182,146 @@ def test_mask_region_is_the_union_of_both_masks_after_their_transforms_and_nothi
     exact, _ = mask_region(target, reference, np.random.default_rng(0), ManipulateConfig())
     dist = ndimage.distance_transform_edt(~exact)
     assert (grown >= exact).all() and grown[dist > 2].sum() == 0 and grown[(dist > 0) & (dist <= 1)].all()
+
+
+# ------------------------------------------- the polygon, computed faster: the same fields and regions
+def reference_polygon_field(height, width, centre, radius, aspect, angle, rng):
+    """shape_field("polygon", ...) as it was before it was made faster (the reference, bit for bit)."""
+    import math
+
+    dx = np.arange(width, dtype=np.float32)[None] - np.float32(centre[0])
+    dy = np.arange(height, dtype=np.float32)[:, None] - np.float32(centre[1])
+    c, s, k = math.cos(angle), math.sin(angle), math.sqrt(aspect)
+    u = dx * np.float32(c / (k * radius)) + dy * np.float32(s / (k * radius))  # (H, W) by broadcasting
+    v = dx * np.float32(-s * k / radius) + dy * np.float32(c * k / radius)
+    n = int(rng.integers(3, 9))  # vertex angles: jittered by < 0.2 of the spacing, so gaps < pi
+    theta = np.sort(np.mod((np.arange(n) + rng.uniform(-0.2, 0.2, n)) * 2 * math.pi / n
+                           + rng.uniform(0, 2 * math.pi), 2 * math.pi))
+    r = rng.uniform(0.5, 1.0, n)
+    phi = np.mod(np.arctan2(v, u), 2 * math.pi)
+    i = (np.searchsorted(theta, phi, side="right") - 1) % n  # the vertex before phi
+    j = (i + 1) % n
+    rel, gap = np.mod(phi - theta[i], 2 * math.pi), np.mod(theta[j] - theta[i], 2 * math.pi)
+    edge = r[i] * r[j] * np.sin(gap) / (r[i] * np.sin(rel) + r[j] * np.sin(gap - rel))
+    return -np.hypot(u, v) / edge
+
+
+def reference_top_pixels(score, allowed, k):
+    flat = score.ravel() if allowed is None else np.where(allowed, score, -np.inf).ravel()
+    k = int(min(max(k, 1), flat.size if allowed is None else allowed.sum()))
+    out = np.zeros(flat.size, bool)
+    if k > 0:
+        out[np.argpartition(-flat, k - 1)[:k]] = True
+    return out.reshape(score.shape)
+
+
+def reference_draw_region(height, width, rng, cfg, allowed=None, polygon_field=reference_polygon_field):
+    """draw_region as it was: every shape's whole field, then its top pixels."""
+    import math
+
+    from hybrid.manipulate import shape_field
+
+    names = list(cfg.shapes)
+    weights = np.array([cfg.shapes[n] for n in names], float)
+    shape = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    area = rng.uniform(*cfg.area) * height * width
+    aspect = math.exp(rng.uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1])))
+    angle = rng.uniform(0, math.pi)
+    cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
+    cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
+    args = (height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng)
+    score = polygon_field(*args) if shape == "polygon" else shape_field(shape, *args)
+    return reference_top_pixels(score, allowed, round(area))
+
+
+def some_allowed(kind: int, height: int, width: int, rng: np.random.Generator):
+    """None, or an object-like disc, a sparse scatter, one thin column, two small far-apart squares (the
+    top k then reach far from the centre), or nothing at all."""
+    yy, xx = np.mgrid[:height, :width]
+    if kind == 1:
+        return np.hypot(xx - rng.uniform(0, width), yy - rng.uniform(0, height)) < rng.uniform(3, width)
+    if kind == 2:
+        return rng.random((height, width)) < rng.uniform(0.002, 0.5)
+    if kind == 3:
+        return xx == rng.integers(width)
+    if kind == 4:
+        return ((xx < 4) & (yy < 4)) | ((xx >= width - 6) & (yy >= height - 6))
+    if kind == 5:
+        return np.zeros((height, width), bool)
+    return None
+
+
+SIZES = [(64, 64), (256, 256), (48, 80)]
+
+
+def test_polygon_field_is_bit_identical_to_the_reference():
+    from hybrid.manipulate import shape_field
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        height, width = SIZES[trial % 3]
+        args = (height, width, (float(rng.integers(width)), float(rng.integers(height) + rng.uniform(-1, 1))),
+                rng.uniform(0.5, 60), float(np.exp(rng.uniform(-2, 2))), rng.uniform(0, np.pi))
+        seed = int(rng.integers(1 << 31))
+        got, want = shape_field("polygon", *args, np.random.default_rng(seed)), \
+            reference_polygon_field(*args, np.random.default_rng(seed))
+        assert got.dtype == want.dtype == np.float64
+        np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))  # bits, signed zeros too
+
+
+@pytest.mark.parametrize("area", [(0.005, 0.04), (0.0005, 0.4)])
+def test_polygon_regions_are_those_of_the_reference(area):
+    cfg = ManipulateConfig(shapes={"polygon": 1.0}, area=area, aspect=(0.1, 10.0))
+    mask_rng = np.random.default_rng(1)
+    for trial in range(200):
+        height, width = SIZES[trial % 3]
+        allowed = some_allowed(trial // 3 % 6, height, width, mask_rng)
+        rng, ref = np.random.default_rng(trial), np.random.default_rng(trial)
+        np.testing.assert_array_equal(draw_region(height, width, rng, cfg, allowed),
+                                      reference_draw_region(height, width, ref, cfg, allowed))
+        assert rng.bit_generator.state == ref.bit_generator.state  # the same draws: what follows is unchanged
+
+
+def test_regions_of_all_shapes_and_sample_region_are_those_of_the_reference():
+    cfg = ManipulateConfig()
+    mask_rng = np.random.default_rng(2)
+    for trial in range(60):
+        height, width = SIZES[trial % 3]
+        allowed = some_allowed(trial // 3 % 3, height, width, mask_rng)
+        rng, ref = np.random.default_rng(trial), np.random.default_rng(trial)
+        want = np.zeros((height, width), bool)
+        for _ in range(int(ref.integers(cfg.regions[0], cfg.regions[1] + 1))):
+            want |= reference_draw_region(height, width, ref, cfg, allowed)
+        np.testing.assert_array_equal(draw_regions(height, width, rng, cfg, allowed), want)
+        assert rng.bit_generator.state == ref.bit_generator.state
+
+
+@pytest.mark.parametrize("object_aware", [0.0, 1.0])
+def test_sample_region_is_that_of_the_reference(object_aware, monkeypatch):
+    import hybrid.manipulate as manipulate
+
+    cfg = ManipulateConfig(shapes={"polygon": 3.0, "ellipse": 1.0}, object_aware=object_aware, area=(0.02, 0.2))
+    pairs = [(scene(seed), scene(seed + 1, depth=seed % 2 == 0)) for seed in range(20)]
+    got = [sample_region(t, r, np.random.default_rng(seed), cfg) for seed, (t, r) in enumerate(pairs)]
+    monkeypatch.setattr(manipulate, "draw_region", reference_draw_region)  # draw_regions' too
+    for seed, ((t, r), (region, affine)) in enumerate(zip(pairs, got)):
+        want_region, want_affine = sample_region(t, r, np.random.default_rng(seed), cfg)
+        np.testing.assert_array_equal(region, want_region)
+        np.testing.assert_array_equal(affine, want_affine)
+
+
+def test_polygon_regions_with_tied_scores_are_the_argpartition_pick_of_the_whole_field(monkeypatch):
+    """Scores in steps of 1/4: ties at the k-th score are the rule, and which tied pixels are taken is
+    np.argpartition's pick over the whole field, which a window must not change."""
+    import hybrid.manipulate as manipulate
+
+    score = manipulate._polygon_score
+    monkeypatch.setattr(manipulate, "_polygon_score", lambda u, v, polygon: np.floor(score(u, v, polygon) * 4) / 4)
+    cfg = ManipulateConfig(shapes={"polygon": 1.0})
+    for trial in range(30):
+        height, width = SIZES[trial % 3]
+        allowed = some_allowed(trial // 3 % 2, height, width, np.random.default_rng(trial))
+        got = draw_region(height, width, np.random.default_rng(trial), cfg, allowed)
+        want = reference_draw_region(height, width, np.random.default_rng(trial), cfg, allowed,
+                                     lambda *a: np.floor(reference_polygon_field(*a) * 4) / 4)
+        np.testing.assert_array_equal(got, want)
