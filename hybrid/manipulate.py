@@ -32,6 +32,7 @@ All randomness comes from the caller's ``numpy.random.Generator``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,10 +125,16 @@ def border_ring(height: int, width: int) -> np.ndarray:
     return ring
 
 
+@functools.lru_cache(maxsize=16)
+def _ring_pixels(height: int, width: int) -> torch.Tensor:
+    """The flat indices of :func:`border_ring`'s pixels, row-major (as boolean indexing takes them)."""
+    return torch.from_numpy(np.flatnonzero(border_ring(height, width)))
+
+
 def background_value(x: torch.Tensor) -> torch.Tensor:
     """Per-channel median of ``x`` (C, H, W) on the border ring, shaped (C, 1, 1)."""
-    ring = torch.from_numpy(border_ring(*x.shape[-2:])).to(x.device)
-    return x[:, ring].median(dim=1).values[:, None, None]
+    ring = _ring_pixels(*x.shape[-2:]).to(x.device)
+    return x.flatten(1).index_select(1, ring).median(dim=1).values[:, None, None]
 
 
 def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: float = 0.1) -> np.ndarray | None:
