@@ -26,8 +26,9 @@ reach the generator (Fig. 2a, Fig. 5, Table 7):
 - ``tps``: a thin-plate-spline warp of the target maps, confined to the region.
 
 Maps are float tensors in the model range [-1, 1], shaped (C, H, W): ``image`` (3), ``edge`` and
-``depth`` (1, nearness: larger = nearer). Outside the region every map is returned bit-identical.
-All randomness comes from the caller's ``numpy.random.Generator``.
+``depth`` (1, nearness: larger = nearer); an ``image`` may also come as stored (uint8). Outside
+the region every map is returned bit-identical. All randomness comes from the caller's
+``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 from hybrid.augment import tps_warp_grid
 from hybrid.config import check_choices, check_keys, choice
+from hybrid.data.shards import unit_tensor
 
 Maps = dict[str, torch.Tensor]
 SHAPES = ("blob", "ellipse", "rectangle", "polygon")
@@ -155,7 +157,7 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
         if fg is not None or mode == "depth":
             return fg
     if mode in ("auto", "color") and "image" in maps:
-        im = maps["image"]
+        im = unit_tensor(maps["image"])
         return usable(((im - background_value(im)).abs() > 2 * threshold).any(0))
     return None
 

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from hybrid.config import resolve_device
-from hybrid.data.shards import to_unit
+from hybrid.data.shards import to_unit, unit_tensor
 from hybrid.io import write_png
 from hybrid.manipulate import MANIPULATED, ManipulateConfig, check_manipulation, local_anomaly
 from hybrid.models.generator import Generator
@@ -102,10 +102,12 @@ def run_generator(G: Generator, batch: Mapping[str, torch.Tensor], precision: st
 
 
 def _forward(G: Generator, batch: Mapping[str, torch.Tensor], precision: str) -> dict:
-    """G on its device over stacked named maps (+ ``feature_noise``), bf16 autocast if asked."""
+    """G on its device over stacked named maps (+ ``feature_noise``), bf16 autocast if asked. Maps
+    may come as stored (uint8 images): they are converted on the device."""
     device = next(G.parameters()).device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = G.inputs(batch).to(device, memory_format=fmt, non_blocking=True)
+    maps = {c: unit_tensor(batch[c].to(device, non_blocking=True)) for c in G.conditions if c in batch}
+    x = G.inputs(maps).contiguous(memory_format=fmt)
     noise = batch.get("feature_noise")
     noise = noise.to(device, non_blocking=True) if noise is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -152,16 +152,16 @@ def test_a_failed_generate_rerun_keeps_the_last_generated_set(tmp_path, monkeypa
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "gen"
     first = gen_stage.run(ckpt, index, manifest, out, small_cfg())
-    real = gen_stage.write_shard
+    real = gen_stage._Shard.close
     calls = {"n": 0}
 
-    def dying(*args, **kw):
+    def dying(self):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("quota exceeded")
-        return real(*args, **kw)
+        return real(self)
 
-    monkeypatch.setattr(gen_stage, "write_shard", dying)
+    monkeypatch.setattr(gen_stage._Shard, "close", dying)
     (out / "manifest.parquet").unlink()
     with pytest.raises(OSError) as e:
         gen_stage.run(ckpt, index, manifest, out, small_cfg(manipulate={"area": [0.1, 0.2]}))

@@ -270,6 +270,16 @@ def to_unit(a: np.ndarray, name: str) -> torch.Tensor:
     return t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
 
 
+def unit_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A stored uint8 tensor (an image kept in its stored form, channels first) as float32 in
+    [-1, 1] on its own device, by the operations of :func:`to_unit`; a float tensor unchanged.
+    The generate stage sends reference images to the device this way (a quarter of the bytes,
+    and no float conversion on the host)."""
+    if x.dtype != torch.uint8:
+        return x
+    return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+
+
 class ShardDataset(Dataset):
     """Samples from the shards listed in ``index.parquet``, read lazily (memory flat in dataset size).
 

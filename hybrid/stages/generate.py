@@ -181,8 +181,10 @@ def _run(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_
 
 
 class Samples:
-    """The preprocess stage's samples by sample id: ``samples[id]`` gives model-range tensors
-    (image (3, H, W), edge / depth (1, H, W) in [-1, 1]), ``samples.raw(id)`` the stored arrays.
+    """The preprocess stage's samples by sample id: ``samples[id]`` gives tensors: the image as
+    stored (uint8 (3, H, W), converted where it is used, on the device for the generator:
+    :func:`hybrid.data.shards.unit_tensor`) and edge / depth (1, H, W) in [-1, 1];
+    ``samples.raw(id)`` the stored arrays.
 
     ``star_depth``: the shard array AH* learned its depth from (``depth`` or ``depth_sensor``);
     given, items also hold ``star_depth`` (the pair target's reference depth for AH*)."""
@@ -219,7 +221,8 @@ class Samples:
 
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
         item = self.raw(sample_id)
-        out = {k: _unit(item[k], k) for k in self.data.fields if k in ("image", "edge", "depth")}
+        out = {k: _unit(item[k], k) for k in self.data.fields if k in ("edge", "depth")}
+        out["image"] = torch.from_numpy(item["image"]).permute(2, 0, 1)  # stored uint8: see unit_tensor
         if self.star_depth is not None:
             out["star_depth"] = _unit(item[self.star_depth], self.star_depth)
         return out
