@@ -301,7 +301,7 @@ class ShardDataset(Dataset):
         self.fields = tuple(fields)
         self.raw = raw
         self._files: dict[str, h5py.File] = {}
-        self._arrays: dict[tuple[str, str], tuple[h5py.Dataset, bool]] = {}
+        self._arrays: dict[tuple[str, str], tuple] = {}  # (dataset, direct read, sample shape, dtype)
         self._pid = os.getpid()
         if len(self.index):
             self._check_fields(self.index["shard"].iloc[0])
@@ -322,20 +322,20 @@ class ShardDataset(Dataset):
         A chunk stored as written (one sample per chunk, no filter: every shard this project
         writes) is read with one direct chunk read, about 3x cheaper than a selection.
         """
-        f = self._file(shard)
         got = self._arrays.get((shard, name))
-        if got is None:
+        if got is None or self._pid != os.getpid():
+            f = self._file(shard)
             access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
             access.set_chunk_cache(0, 0, 1.0)
             a = h5py.Dataset(h5py.h5d.open(f.id, name.encode(), access))
-            direct = (a.chunks == (1, *a.shape[1:]) and a.id.get_create_plist().get_nfilters() == 0
-                      and a.dtype.kind in "uif")
-            got = self._arrays[shard, name] = (a, direct)
-        a, direct = got
+            shape, dtype = a.shape, a.dtype  # asked once: each h5py property call queries the file
+            direct = a.chunks == (1, *shape[1:]) and a.id.get_create_plist().get_nfilters() == 0 and dtype.kind in "uif"
+            got = self._arrays[shard, name] = (a, direct, shape[1:], dtype)
+        a, direct, shape, dtype = got
         if not direct:
             return a[j]
-        out = np.empty(a.shape[1:], a.dtype)
-        a.id.read_direct_chunk((j,) + (0,) * (a.ndim - 1), out=out.reshape(-1).view(np.uint8))
+        out = np.empty(shape, dtype)
+        a.id.read_direct_chunk((j,) + (0,) * len(shape), out=out.reshape(-1).view(np.uint8))
         return out
 
     def _check_fields(self, shard: str) -> None:
