@@ -87,8 +87,13 @@ def conditions(reference: Mapping[str, torch.Tensor], target: Mapping[str, torch
 def feature_noise(G: Generator, seed: int, std: float, height: int, width: int) -> torch.Tensor:
     """AnomalyFactory's diversity noise for one pair: N(0, std^2) of the encoded features' shape,
     drawn from the pair's seed (so an output does not depend on its batch)."""
+    return seeded_noise(G.feature_shape(height, width), seed, std)
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """:func:`feature_noise` given the features' shape (no generator needed: DataLoader workers)."""
     g = torch.Generator().manual_seed(derive_seed(seed, 7, bits=32))
-    return torch.randn(G.feature_shape(height, width), generator=g) * std
+    return torch.randn(shape, generator=g) * std
 
 
 @torch.inference_mode()

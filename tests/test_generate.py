@@ -426,6 +426,27 @@ def test_feature_noise_is_drawn_from_the_pair_seed(tmp_path):
     assert not torch.equal(n1, n2) and abs(float(n1.std()) - 0.5) < 0.05
 
 
+def test_the_pair_dataset_sent_to_workers_carries_no_generator(tmp_path):
+    """DataLoader workers started by spawn or forkserver (macOS, Python 3.14) receive the dataset
+    pickled: it must not carry the generator's weights (800 MB at paper size), noise or not."""
+    import pickle
+
+    from hybrid.pipeline import feature_noise
+    from hybrid.stages.generate import PairConditions
+
+    index, manifest = make_dataset(tmp_path)
+    G = load_generator(save_tiny_checkpoint(tmp_path / "ckpt"), torch.device("cpu"))
+    cfg = small_cfg(feature_noise=0.5)
+    jobs = plan_jobs(manifest, cfg)
+    samples = Samples(pd.read_parquet(index), index.parent)
+    data = PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise)
+    blob = pickle.dumps(data)
+    assert b"Generator" not in blob and len(blob) < sum(p.numel() for p in G.parameters())
+    j = jobs[0]
+    expect = feature_noise(G, j.seed, 0.5, S, S)
+    assert torch.equal(pickle.loads(blob)[0]["feature_noise"], expect)
+
+
 def shard_arrays_of(df: pd.DataFrame, out) -> np.ndarray:
     arrays = shard_arrays(out)
     return np.stack([arrays[r.shard]["image"][r.index] for r in df.sort_values("sample_id").itertuples()])

@@ -42,7 +42,7 @@ from hybrid.data.shards import ShardDataset, ShardSet, ShardWriter, part_range, 
 from hybrid.io import write_parquet_atomic, write_png
 from hybrid.manipulate import ManipulateConfig
 from hybrid.models.generator import Generator
-from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, feature_noise, resolve_precision
+from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, resolve_precision, seeded_noise
 from hybrid.planning import KINDS, Job, PairingConfig, plan_jobs, safe_name
 from hybrid.viz import contact_sheet
 
@@ -240,12 +240,17 @@ class PairConditions(torch.utils.data.Dataset):
 
     ``encoded``: items also hold the fed maps and the region as the shards store them
     (``stored_region``, ``stored_edge`` uint8 (H, W), ``stored_depth`` int32 (H, W), the uint16
-    values), so the workers, not the main process, convert them."""
+    values), so the workers, not the main process, convert them. ``G`` is asked only for the shape
+    of its features (``noise`` > 0) and not kept: workers started by spawn or forkserver are sent
+    this dataset, never the generator's weights."""
 
     def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig,
                  G: Generator | None = None, noise: float = 0.0, encoded: bool = False) -> None:
-        self.jobs, self.samples, self.cfg, self.G, self.noise = list(jobs), samples, cfg, G, noise
+        self.jobs, self.samples, self.cfg, self.noise = list(jobs), samples, cfg, noise
         self.encoded = encoded
+        self.noise_shape = None
+        if noise and self.jobs:  # every sample has the preprocess resolution
+            self.noise_shape = G.feature_shape(*samples.raw(self.jobs[0].target_id)["image"].shape[:2])
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -260,7 +265,7 @@ class PairConditions(torch.utils.data.Dataset):
         if star_depth is not None:  # AH*'s reference maps: the target's unmanipulated depth and edge
             item |= {"source_depth": star_depth, "source_edge": tgt["edge"]}
         if self.noise:
-            item["feature_noise"] = feature_noise(self.G, j.seed, self.noise, *tgt["image"].shape[-2:])
+            item["feature_noise"] = seeded_noise(self.noise_shape, j.seed, self.noise)
         if self.encoded:
             item["stored_region"] = item["region"][0].to(torch.uint8) * 255
             if "target_edge" in item:
