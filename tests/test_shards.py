@@ -123,3 +123,31 @@ def test_todo_removes_the_temporary_files_a_killed_run_left(tmp_path):
     (tmp_path / ".shard-00003.h5.z9.h5.partial").write_bytes(b"another part's shard, being written")
     assert ShardSet(tmp_path, 4, "generate").todo(range(2), ["p0", "p1"]) == [0, 1]
     assert [p.name for p in tmp_path.iterdir()] == [".shard-00003.h5.z9.h5.partial"]  # not this part's shard
+
+
+def test_a_file_system_that_cannot_reserve_space_still_gets_its_shard(tmp_path, monkeypatch):
+    """Where fallocate is not supported (NFS v3, some cluster file systems) nothing is reserved and
+    the shard is written as usual; any other failure to reserve (a full disk) is an error."""
+    import ctypes
+    import errno
+
+    import hybrid.data.shards as shards
+
+    def unsupported(*args):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(shards, "_fallocate", unsupported)
+    arrays, ids = _write(tmp_path, 0, 2)
+    ds = ShardDataset(build_index([tmp_path / "shard-00000.h5"]), ("image",), tmp_path, raw=True)
+    assert np.array_equal(ds[1]["image"], arrays["image"][1])
+    ds.close()
+
+    def full(*args):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(shards, "_fallocate", full)
+    with pytest.raises(OSError, match="disk is full"):
+        _write(tmp_path, 1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.h5"]
