@@ -60,13 +60,13 @@ class ShardWriter:
     """One shard written as it is filled, published whole or not at all.
 
     ``arrays``: name -> (per-sample shape, dtype); ``strings`` (known up front) must hold
-    ``sample_id``, whose length is the sample count. Rows are written with :meth:`write` in any
-    order, from one thread at a time; :meth:`close` renames the temporary file onto ``path``,
+    ``sample_id``, whose length is the sample count. Blocks of rows are written with :meth:`write`
+    in any order, from one thread at a time; :meth:`close` renames the temporary file onto ``path``,
     :meth:`abort` removes it. The file's space is reserved first, so a full disk (or quota) is an
     ordinary OSError before HDF5 writes a byte, never a half-written HDF5 file that the library
     trips over when its objects are freed. (Writing straight into the file costs about an eighth
     of the CPU of building an in-memory HDF5 image and copying it out: 0.3 vs 2.4 ms per 256 px
-    sample; streaming rows needs no shard-sized buffer.)
+    sample; streaming blocks of rows needs no shard-sized buffer.)
     """
 
     def __init__(self, path: str | Path, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -100,21 +100,21 @@ class ShardWriter:
             raise
 
     def write(self, name: str, rows: slice, values: np.ndarray) -> None:
-        """``values`` into rows ``rows`` (a slice, steps allowed) of the array ``name``. Each row
-        is one chunk, written as it is (no filter): one direct chunk write per row, cheaper than a
-        selection, and a slice with a step costs no more than a contiguous one."""
+        """``values`` into the contiguous rows ``rows`` of the array ``name``, in one HDF5 call.
+
+        Few large calls, not one per row: the writer runs in a thread beside a busy main thread,
+        and each call that gives up the GIL waits to get it back (1,024 direct chunk writes took
+        5.5 s beside a busy Python thread against 0.1 s alone; 64 slice writes 0.7 s against 0.17)."""
         dset = self._datasets.get(name)
         if dset is None:
             dset = self._datasets[name] = self._file[name]
-        index = range(*rows.indices(self.n))
+        start, stop, step = rows.indices(self.n)
         values = np.asarray(values)
-        if values.dtype != dset.dtype or values.shape != (len(index), *dset.shape[1:]):
-            raise ValueError(f"shard array {name!r}: rows {rows} need {len(index)} x {dset.shape[1:]} {dset.dtype}, "
-                             f"got {values.shape} {values.dtype}")
-        tail = (0,) * (values.ndim - 1)
+        if step != 1 or values.dtype != dset.dtype or values.shape != (stop - start, *dset.shape[1:]):
+            raise ValueError(f"shard array {name!r}: rows {rows} need {stop - start} x {dset.shape[1:]} {dset.dtype} "
+                             f"(contiguous), got {values.shape} {values.dtype}")
         try:
-            for i, r in enumerate(index):
-                dset.id.write_direct_chunk((r, *tail), np.ascontiguousarray(values[i]))
+            dset[start:stop] = values
         except OSError as e:
             raise explain(e, self.path) from e
 

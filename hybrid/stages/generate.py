@@ -294,6 +294,7 @@ class _Shard:
         self.filled = 0  # pairs written
         self.closed = False
         self.writer: ShardWriter | None = None
+        self._buffers: dict[str, np.ndarray] = {}
         self.strings: dict[str, list[str]] = {k: [] for k in _STRINGS}
         for j in jobs:
             for d in decoders:
@@ -319,16 +320,20 @@ class _Shard:
             arrays = {n: (present[n].shape[1:], _DTYPES.get(n, np.uint8)) for n in _ARRAYS if n in present}
             self.writer = ShardWriter(self.path, arrays, self.strings, self.attrs)
         b = len(first["image"])
-        rows = [slice((self.filled * nd) + k, (self.filled + b) * nd, nd) for k in range(nd)]  # decoder k's rows
-        for name in _ARRAYS:
-            dtype = _DTYPES.get(name, np.uint8)
-            if name in fed:  # shared by the pair's decoders
-                values = fed[name].astype(dtype, copy=False)
-                for r in rows:
-                    self.writer.write(name, r, values)
-            elif name in first:
-                for r, d in zip(rows, self.decoders):
-                    self.writer.write(name, r, per_decoder[d][name].astype(dtype, copy=False))
+        rows = slice(self.filled * nd, (self.filled + b) * nd)
+        for name in _ARRAYS:  # one write per array and batch, rows pair-major (see ShardWriter.write)
+            if name not in fed and name not in first:
+                continue
+            shape = (b, nd, *(fed[name] if name in fed else first[name]).shape[1:])
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != shape:  # one interleaving buffer per array, reused
+                buf = self._buffers[name] = np.empty(shape, _DTYPES.get(name, np.uint8))
+            if name in fed:
+                buf[:] = fed[name][:, None]
+            else:
+                for k, d in enumerate(self.decoders):
+                    buf[:, k] = per_decoder[d][name]
+            self.writer.write(name, rows, buf.reshape(b * nd, *shape[2:]))
         self.filled += b
 
     def close(self) -> None:
