@@ -368,10 +368,7 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
     shard = _Shard(*next(todo), G.decoder_names)
     opened = [shard]  # every shard begun: those not closed at the end are removed
     writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    pending: deque[Future] = deque()
-
-    def done(f: Future) -> None:
-        f.result()  # raises the writer's error here
+    pending: deque[Future] = deque()  # .result() raises the writer's error in this thread
 
     try:
         for batch in loader:
@@ -397,9 +394,9 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
                 if shard is not None:
                     opened.append(shard)
             while len(pending) > _IN_FLIGHT:
-                done(pending.popleft())
+                pending.popleft().result()
         while pending:
-            done(pending.popleft())
+            pending.popleft().result()
     finally:
         writer.shutdown(wait=True)  # queued writes finish; then unfinished shards are removed
         for s in opened:
