@@ -102,6 +102,7 @@ def _tmpfs(path, options):
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no h5py noise
 def test_full_disk_gives_a_clear_error(tmp_path):
     with _tmpfs(tmp_path / "small", "size=64k") as out:
         with pytest.raises(OutputError, match="disk is full") as e:
@@ -110,6 +111,7 @@ def test_full_disk_gives_a_clear_error(tmp_path):
         assert not list(out.glob("*.h5")) and not list(out.glob(".*"))
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no h5py noise
 def test_read_only_output_gives_a_clear_error(tmp_path):
     with _tmpfs(tmp_path / "ro", "ro,size=64k") as out:
         with pytest.raises(OutputError, match="read-only"):
