@@ -135,10 +135,11 @@ def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor], dense: bool |
 
     Samples that drew no transform come back bit-identical. ``dense`` (default ``x.is_cuda``) picks
     the path. Windowed (CPU): each TPS sample's spline is evaluated inside its window only (~3x
-    faster on a CPU, measured) and ``x`` itself is returned if no sample drew anything, which reads the draws on the
-    host. Dense (GPU): every sample's spline at every pixel in batched calls, masked by the draws,
-    with no host synchronisation (no ``nonzero``/``item``/``cpu``, no data-dependent shapes; params
-    on the host are copied without blocking); equal to the windowed path up to float rounding.
+    faster on a CPU, measured) and ``x`` itself is returned if no sample drew anything, which
+    reads the draws on the host. Dense (GPU): every sample's spline at every pixel in batched
+    calls, masked by the draws, with no host synchronisation (no ``nonzero``/``item``/``cpu``, no
+    data-dependent shapes; params on the host are copied without blocking); equal to the windowed
+    path up to float rounding.
     ``params["size"]`` and ``params["pad_mode"]`` must stay on the host.
     """
     if x.dim() != 4 or not x.is_floating_point():

@@ -151,3 +151,11 @@ def test_a_file_system_that_cannot_reserve_space_still_gets_its_shard(tmp_path, 
     with pytest.raises(OSError, match="disk is full"):
         _write(tmp_path, 1, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.h5"]
+
+
+def test_a_shard_whose_arrays_disagree_on_the_sample_count_is_refused_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="'edge'.*need 2"):
+        write_shard(tmp_path / "shard-00000.h5", {"image": np.zeros((2, 4, 4, 3), np.uint8),
+                                                  "edge": np.zeros((3, 4, 4), np.uint8)},
+                    {"sample_id": ["a", "b"]}, {})
+    assert list(tmp_path.iterdir()) == []

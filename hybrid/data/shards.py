@@ -42,14 +42,10 @@ def write_shard(path: str | Path, arrays: Mapping[str, np.ndarray], strings: Map
                 attrs: Mapping[str, object]) -> None:
     """Write one shard atomically. ``arrays`` must include ``image``; ``strings`` ``sample_id``."""
     arrays = {k: np.asarray(a) for k, a in arrays.items()}
-    n = len(strings.get("sample_id", ()))
-    for name, a in arrays.items():
-        if len(a) != n:
-            raise ValueError(f"shard array {name!r}: got {a.dtype} x {len(a)}, want {n} rows")
     writer = ShardWriter(path, {k: (a.shape[1:], a.dtype) for k, a in arrays.items()}, strings, attrs)
     try:
         for name, a in arrays.items():
-            writer.write(name, slice(0, n), a)
+            writer.write(name, slice(0, writer.n), a)  # checks the row count
     except BaseException as e:
         writer.abort(e)
         raise
