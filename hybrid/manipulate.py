@@ -242,13 +242,47 @@ def shape_field(shape: str, height: int, width: int, centre: tuple[float, float]
 
 
 def top_pixels(score: np.ndarray, allowed: np.ndarray | None, k: int) -> np.ndarray:
-    """(H, W) bool of the ``k`` highest-scoring allowed pixels (all allowed ones if fewer)."""
-    flat = score.ravel() if allowed is None else np.where(allowed, score, -np.inf).ravel()
-    k = int(min(max(k, 1), flat.size if allowed is None else allowed.sum()))
+    """(H, W) bool of the ``k`` highest-scoring allowed pixels (all allowed ones if fewer).
+
+    The pixels of ``np.argpartition`` over the whole field, found faster: the k-th best score is
+    found among the pixels above a threshold read off a sample (:func:`_kth_largest`), and when
+    no other pixel ties with it the top k are one set whatever order ties are left in, so they are
+    argpartition's. A tie at the k-th score (point-symmetric ellipses and rectangles about a pixel
+    centre: about a third of their draws) takes argpartition's pick over the whole field, as before."""
+    flat = score.ravel()
+    ok = None if allowed is None else allowed.ravel()
+    k = int(min(max(k, 1), flat.size if ok is None else np.count_nonzero(ok)))
+    if k <= 0:
+        return np.zeros(score.shape, bool)
+    top = flat >= _kth_largest(flat, ok, k)
+    if ok is not None:
+        top &= ok
+    if np.count_nonzero(top) == k:
+        return top.reshape(score.shape)
     out = np.zeros(flat.size, bool)
-    if k > 0:
-        out[np.argpartition(-flat, k - 1)[:k]] = True
+    out[np.argpartition(-(flat if ok is None else np.where(ok, flat, -np.inf)), k - 1)[:k]] = True
     return out.reshape(score.shape)
+
+
+def _kth_largest(flat: np.ndarray, ok: np.ndarray | None, k: int) -> np.floating:
+    """The ``k``-th largest of ``flat``'s values where ``ok`` (1 <= k <= their count), exactly.
+
+    A strided sample gives a threshold with about 1.5 k pixels above it (k is a compact region's
+    area, a few percent of the image); when at least k are, the k-th largest is among them, so
+    only those are partitioned (about 0.1 ms at 256 x 256 against 0.6 for a partition of all)."""
+    stride = max(1, flat.size // 4096)
+    sample = flat[::stride] if ok is None else flat[::stride][ok[::stride]]
+    m = int(1.5 * k / stride) + 8  # sample values above the threshold
+    while m < sample.size:
+        above = flat >= np.partition(sample, sample.size - m)[sample.size - m]
+        if ok is not None:
+            above &= ok
+        n = np.count_nonzero(above)
+        if n >= k:
+            return np.partition(flat[above], n - k)[n - k]
+        m *= 4
+    values = flat if ok is None else flat[ok]
+    return np.partition(values, values.size - k)[values.size - k]
 
 
 def _polygon_region(height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,

@@ -325,3 +325,21 @@ def test_polygon_regions_with_tied_scores_are_the_argpartition_pick_of_the_whole
         want = reference_draw_region(height, width, np.random.default_rng(trial), cfg, allowed,
                                      lambda *a: np.floor(reference_polygon_field(*a) * 4) / 4)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("steps", [0, 4, 64])
+def test_top_pixels_are_the_argpartition_pick_of_the_whole_field(steps):
+    """top_pixels finds the k-th score among the pixels above a sampled threshold; the pixels must be
+    those of np.argpartition over the whole field, with ties at the k-th score (scores in steps of
+    1/steps), masks that leave fewer than k pixels, and k from one pixel to the whole image."""
+    from hybrid.manipulate import top_pixels
+
+    rng = np.random.default_rng(steps)
+    for trial in range(150):
+        height, width = SIZES[trial % 3]
+        score = -np.hypot(*(np.mgrid[:height, :width] - rng.uniform(0, 64, (2, 1, 1))))
+        score = score + rng.normal(0, 0.3, score.shape) if trial % 2 else score
+        score = np.floor(score * steps) / steps if steps else score
+        allowed = some_allowed(trial // 3 % 6, height, width, rng)
+        k = int(rng.choice([1, 7, rng.integers(1, height * width // 10 + 2), height * width]))
+        np.testing.assert_array_equal(top_pixels(score, allowed, k), reference_top_pixels(score, allowed, k))
