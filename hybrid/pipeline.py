@@ -221,7 +221,7 @@ def encode_batch(G: Generator, batch: Mapping[str, torch.Tensor], precision: str
     out = _forward(G, batch, precision)
     star_maps = None
     if G_star is not None:
-        star_maps = {k: batch[f"source_{k}"].to(device, non_blocking=True) for k in ("depth", "edge")}
+        star_maps = {k: unit_tensor(batch[f"source_{k}"].to(device, non_blocking=True)) for k in ("depth", "edge")}
     result = {}
     for d, o in out.items():
         enc = {"image": _uint8_tensor(o["image"]).contiguous(),

@@ -299,13 +299,14 @@ def to_unit(a: np.ndarray, name: str) -> torch.Tensor:
 
 
 def unit_tensor(x: torch.Tensor) -> torch.Tensor:
-    """A stored uint8 tensor (an image kept in its stored form, channels first) as float32 in
-    [-1, 1] on its own device, by the operations of :func:`to_unit`; a float tensor unchanged.
-    The generate stage sends reference images to the device this way (a quarter of the bytes,
-    and no float conversion on the host)."""
-    if x.dtype != torch.uint8:
+    """A map kept in its stored form (channels first) as float32 in [-1, 1] on its own device, by
+    the operations of :func:`to_unit`: uint8 (images, edges) over 255, any other integer type
+    (depth: its uint16 values, also as int32) over 65535; a float tensor unchanged. The generate
+    stage sends maps to the device this way (fewer bytes, and no float conversion on the host)."""
+    if x.is_floating_point():
         return x
-    return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+    scale = 255.0 if x.dtype == torch.uint8 else 65535.0
+    return x.to(torch.float32).mul_(2.0 / scale).sub_(1.0)
 
 
 class ShardDataset(Dataset):

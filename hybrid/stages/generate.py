@@ -38,9 +38,17 @@ import torch
 from tqdm import tqdm
 
 from hybrid.config import PRECISIONS, check_choices, check_device, check_keys, choice, resolve_device
-from hybrid.data.shards import ShardDataset, ShardSet, ShardWriter, part_range, read_attrs, says_what_is_kept
+from hybrid.data.shards import (
+    ShardDataset,
+    ShardSet,
+    ShardWriter,
+    part_range,
+    read_attrs,
+    says_what_is_kept,
+    unit_tensor,
+)
 from hybrid.io import write_parquet_atomic, write_png
-from hybrid.manipulate import ManipulateConfig
+from hybrid.manipulate import MANIPULATED, ManipulateConfig
 from hybrid.models.generator import Generator
 from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, resolve_precision, seeded_noise
 from hybrid.planning import KINDS, Job, PairingConfig, plan_jobs, safe_name
@@ -184,7 +192,8 @@ class Samples:
     """The preprocess stage's samples by sample id: ``samples[id]`` gives tensors: the image as
     stored (uint8 (3, H, W), converted where it is used, on the device for the generator:
     :func:`hybrid.data.shards.unit_tensor`) and edge / depth (1, H, W) in [-1, 1];
-    ``samples.raw(id)`` the stored arrays.
+    ``samples.raw(id)`` the stored arrays, ``samples.read(id, fields)`` some of them and
+    ``samples.tensors(arrays)`` those as tensors.
 
     ``star_depth``: the shard array AH* learned its depth from (``depth`` or ``depth_sensor``);
     given, items also hold ``star_depth`` (the pair target's reference depth for AH*)."""
@@ -199,14 +208,21 @@ class Samples:
                                      f"{shard_dir / index_df['shard'].iloc[0]} has {sorted(f)}; preprocess with "
                                      "an edge model and the depth it was trained on")
                 fields += [star_depth] if star_depth not in fields else []
+            if "edge" in f and f["edge"].dtype != np.uint8:
+                raise ValueError(f"{shard_dir / index_df['shard'].iloc[0]} stores edges as {f['edge'].dtype}; the "
+                                 "preprocess stage writes uint8 edges: rerun it to rewrite these shards")
         self.star_depth = star_depth
         self.data = ShardDataset(index_df, fields, shard_dir, raw=True)
         self.pos = {s: i for i, s in enumerate(index_df["sample_id"])}
         self._where = list(zip(index_df["shard"].astype(str), index_df["index"].astype(int)))
 
-    def raw(self, sample_id: str) -> dict:
+    def read(self, sample_id: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored arrays ``fields`` of a sample."""
         shard, j = self._where[self.pos[sample_id]]
-        return {"sample_id": str(sample_id), **{k: self.data.read(shard, k, j) for k in self.data.fields}}
+        return {k: self.data.read(shard, k, j) for k in fields}
+
+    def raw(self, sample_id: str) -> dict:
+        return {"sample_id": str(sample_id), **self.read(sample_id, self.data.fields)}
 
     def mask(self, sample_id: str) -> np.ndarray:
         """The sample's ground-truth mask (H, W) bool; a clear error when the shards hold none."""
@@ -220,10 +236,14 @@ class Samples:
         return self.data.read(row["shard"], "mask", int(row["index"])) > 127
 
     def __getitem__(self, sample_id: str) -> dict[str, torch.Tensor]:
-        item = self.raw(sample_id)
-        out = {k: _unit(item[k], k) for k in self.data.fields if k in ("edge", "depth")}
-        out["image"] = torch.from_numpy(item["image"]).permute(2, 0, 1)  # stored uint8: see unit_tensor
-        if self.star_depth is not None:
+        return self.tensors(self.raw(sample_id))
+
+    def tensors(self, item: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Stored arrays (those of ``item`` among the sample's) as the manipulations take them."""
+        out = {k: _unit(item[k], k) for k in ("edge", "depth") if k in item}
+        if "image" in item:
+            out["image"] = torch.from_numpy(item["image"]).permute(2, 0, 1)  # stored uint8: see unit_tensor
+        if self.star_depth is not None and self.star_depth in item:
             out["star_depth"] = _unit(item[self.star_depth], self.star_depth)
         return out
 
@@ -238,16 +258,18 @@ def _unit(a: np.ndarray, name: str) -> torch.Tensor:
 class PairConditions(torch.utils.data.Dataset):
     """The :func:`conditions` of each job, so a DataLoader prepares them in worker processes.
 
-    ``encoded``: items also hold the fed maps and the region as the shards store them
-    (``stored_region``, ``stored_edge`` uint8 (H, W), ``stored_depth`` int32 (H, W), the uint16
-    values), so the workers, not the main process, convert them. ``G`` is asked only for the shape
-    of its features (``noise`` > 0) and not kept: workers started by spawn or forkserver are sent
-    this dataset, never the generator's weights."""
+    ``encoded`` (the stage's form, :meth:`encoded_item`): items hold what the stage sends on and writes,
+    with the fed maps as the shards store them. ``G`` is asked for its conditions and the shape of
+    its features (``noise`` > 0) and not kept: workers started by spawn or forkserver are sent this
+    dataset, never the generator's weights."""
 
     def __init__(self, jobs: Sequence[Job], samples: Samples, cfg: ManipulateConfig,
                  G: Generator | None = None, noise: float = 0.0, encoded: bool = False) -> None:
         self.jobs, self.samples, self.cfg, self.noise = list(jobs), samples, cfg, noise
         self.encoded = encoded
+        if encoded and G is None:
+            raise ValueError("PairConditions(encoded=True) needs the generator (its conditions)")
+        self.conditions = list(G.conditions) if G is not None else []
         self.noise_shape = None
         if noise and self.jobs:  # every sample has the preprocess resolution
             self.noise_shape = G.feature_shape(*samples.raw(self.jobs[0].target_id)["image"].shape[:2])
@@ -257,22 +279,82 @@ class PairConditions(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self.jobs[i]
+        if self.encoded:
+            return self.encoded_item(j)
         ref, tgt = self.samples[j.reference_id], self.samples[j.target_id]
         star_depth = tgt.pop("star_depth", None)
         ref.pop("star_depth", None)
-        masks = (self.samples.mask(j.target_id), self.samples.mask(j.reference_id)) if j.defect else None
-        item = conditions(ref, tgt, j.manipulation, j.seed, self.cfg, masks)
+        item = conditions(ref, tgt, j.manipulation, j.seed, self.cfg, self._masks(j))
         if star_depth is not None:  # AH*'s reference maps: the target's unmanipulated depth and edge
             item |= {"source_depth": star_depth, "source_edge": tgt["edge"]}
         if self.noise:
             item["feature_noise"] = seeded_noise(self.noise_shape, j.seed, self.noise)
-        if self.encoded:
-            item["stored_region"] = item["region"][0].to(torch.uint8) * 255
-            if "target_edge" in item:
-                item["stored_edge"] = _uint8_tensor(item["target_edge"][None])[0]
-            if "target_depth" in item:
-                item["stored_depth"] = _depth_int32(item["target_depth"][None])[0]
         return item
+
+    def _masks(self, j: Job) -> tuple[np.ndarray, np.ndarray] | None:
+        return (self.samples.mask(j.target_id), self.samples.mask(j.reference_id)) if j.defect else None
+
+    def encoded_item(self, j: Job) -> dict[str, torch.Tensor]:
+        """One pair as the stage sends it on: the generator's conditions; the fed target maps and the
+        region as the shards store them (``stored_edge`` uint8, ``stored_depth`` int32 holding the
+        uint16 values, ``stored_region`` uint8, each (H, W)); a local anomaly's manipulated maps also
+        in float (``target_edge`` / ``target_depth`` (1, H, W)); AH*'s ``source_depth`` /
+        ``source_edge`` (1, H, W) as stored; ``feature_noise``. Maps are converted on the device
+        (:func:`hybrid.data.shards.unit_tensor`), and :func:`collate_pairs` / :func:`fed_maps` give
+        the generator the very values of the float path (stored values round-trip exactly).
+
+        A pair fed its target's maps unmanipulated (global, normal) reads only the arrays it feeds
+        and converts none: its fed maps are the stored ones."""
+        s, star = self.samples, self.samples.star_depth
+        fields = list(s.data.fields)
+        tgt = s.read(j.target_id, fields)
+        if j.manipulation != "none":
+            reference, target = s.tensors(s.read(j.reference_id, fields)), s.tensors(tgt)
+            reference.pop("star_depth", None)
+            target.pop("star_depth", None)
+            maps = conditions(reference, target, j.manipulation, j.seed, self.cfg, self._masks(j))
+            item = {"stored_region": maps.pop("region")[0].to(torch.uint8) * 255}
+            if "target_edge" in maps:
+                item["stored_edge"] = _uint8_tensor(maps["target_edge"][None])[0]
+            if "target_depth" in maps:
+                item["stored_depth"] = _depth_int32(maps["target_depth"][None])[0]
+        else:  # the target's maps as stored; of the reference only what the generator takes
+            ref = s.read(j.reference_id, [c.split("_", 1)[1] for c in self.conditions if c.startswith("reference_")])
+            maps = {f"reference_{k}": v for k, v in s.tensors(ref).items()}
+            item = {"stored_region": torch.zeros(tgt["image"].shape[:2], dtype=torch.uint8)}
+            if "edge" in tgt:
+                item["stored_edge"] = torch.from_numpy(tgt["edge"])
+            if "depth" in tgt:
+                item["stored_depth"] = torch.from_numpy(tgt["depth"].astype(np.int32))
+        item |= {c: maps[c] for c in self.conditions if c in maps}
+        if star is not None:  # AH*'s reference maps: the target's unmanipulated depth and edge, as stored
+            item["source_depth"] = torch.from_numpy(tgt[star].astype(np.int32))[None]
+            item["source_edge"] = torch.from_numpy(tgt["edge"])[None]
+        if self.noise:
+            item["feature_noise"] = seeded_noise(self.noise_shape, j.seed, self.noise)
+        return item
+
+
+def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack :meth:`PairConditions.encoded_item` items. In a batch across kinds (pairs fed their
+    maps as stored and local anomalies fed manipulated float maps) the stored pairs get float maps
+    too, by :func:`to_unit`'s operations: the values the float path feeds them."""
+    for name in MANIPULATED:
+        key = f"target_{name}"
+        if any(key in it for it in items):
+            for it in items:
+                if key not in it:
+                    it[key] = unit_tensor(it[f"stored_{name}"][None])
+    return torch.utils.data.default_collate(items)
+
+
+def fed_maps(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with the fed target maps its pairs took as stored (no float map collated):
+    ``target_edge`` / ``target_depth`` (B, 1, H, W) viewing ``stored_*``, converted on the device."""
+    for name in MANIPULATED:
+        if f"target_{name}" not in batch and f"stored_{name}" in batch:
+            batch[f"target_{name}"] = batch[f"stored_{name}"][:, None]
+    return batch
 
 
 # Shard arrays in the order they are written; "edge" / "depth" are the fed maps.
@@ -363,7 +445,8 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
                     for k in range(0, len(js), cfg.batch_size)]
         start += len(js)
     data = PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise, encoded=True)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=cuda,
+                                         collate_fn=collate_pairs)
     todo = iter(shards)
     shard = _Shard(*next(todo), G.decoder_names)
     opened = [shard]  # every shard begun: those not closed at the end are removed
@@ -372,7 +455,7 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
 
     try:
         for batch in loader:
-            outputs = pipe.encode(batch)
+            outputs = pipe.encode(fed_maps(batch))
             ready = None
             if cuda:  # copy back into pinned memory without waiting; the event says when it is there
                 outputs = {d: {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
