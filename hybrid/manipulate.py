@@ -221,24 +221,62 @@ def _polygon_score(u: np.ndarray, v: np.ndarray, polygon: tuple[np.ndarray, ...]
     return np.divide(np.negative(h, out=h), edge, out=edge)
 
 
-def shape_field(shape: str, height: int, width: int, centre: tuple[float, float], radius: float,
-                aspect: float, angle: float, rng: np.random.Generator) -> np.ndarray:
-    """Score (H, W) of a shape centred at ``centre`` (x, y): larger = more inside. Its top pixels
-    form the shape; ``radius`` is that of the circle of the wanted area."""
-    u, v = _shape_coords(height, width, centre, radius, aspect, angle)
-    if shape == "ellipse":
+def _scorer(shape: str, height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
+            angle: float, rng: np.random.Generator) -> tuple[Callable[..., np.ndarray], Callable[[float], float],
+                                                             float]:
+    """A shape's score, drawing what it needs from ``rng``: ``score(rows, cols, t=inf)``, the score
+    field over a window of the image (the very values of the whole field's pixels; those with
+    |(u, v)| >= 1.01 t may be left at -inf instead); ``bound(t)``, above the score of every pixel
+    with |(u, v)| >= t, float rounding included; and ``t``, about where the top pixels end in (u, v)
+    (the shape's ``k`` = pi radius^2 pixels fill an area pi there)."""
+    def coords(rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        return _shape_coords(height, width, centre, radius, aspect, angle, rows, cols)
+
+    def ellipse(rows: slice, cols: slice, t: float = math.inf) -> np.ndarray:
+        u, v = coords(rows, cols)
         return -(u * u + v * v)
-    if shape == "rectangle":
-        return -np.maximum(np.abs(u), np.abs(v))
-    if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle
-        return _polygon_score(u, v, _polygon(rng))
+
+    if shape == "ellipse":
+        return ellipse, lambda t: -0.999 * t * t, 1.1
+    if shape == "rectangle":  # max(|u|, |v|) >= |(u, v)| / sqrt 2; the square of area pi has corners at 1.25
+        def rectangle(rows: slice, cols: slice, t: float = math.inf) -> np.ndarray:
+            u, v = coords(rows, cols)
+            return -np.maximum(np.abs(u), np.abs(v))
+
+        return rectangle, lambda t: -0.999 * t / math.sqrt(2), 1.4
+    if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle (<= 1)
+        polygon = _polygon(rng)
+
+        def star(rows: slice, cols: slice, t: float = math.inf) -> np.ndarray:
+            u, v = coords(rows, cols)
+            if t == math.inf:
+                return _polygon_score(u, v, polygon)
+            near = u * u + v * v < np.float32(1.01 * t) ** 2  # the costly score in the disc only
+            out = np.full(u.shape, -np.inf)
+            out[near] = _polygon_score(u[near], v[near], polygon)
+            return out
+
+        # its area is half the sum of r[i] r[j] sin(gap) over the n edges; scaled to area pi
+        return star, lambda t: -0.999 * t, 1.1 * math.sqrt(2 * math.pi / polygon[-1][1:].sum())
     if shape == "blob":  # thresholded smooth noise under an elliptic envelope: an irregular blob
         cells = int(np.clip(round(max(height, width) / (0.7 * radius)), 4, 64))
         noise = cv2.resize(rng.standard_normal((cells, cells)).astype(np.float32), (width, height),
                            interpolation=cv2.INTER_CUBIC)
-        noise = (noise - noise.mean()) / (noise.std() + 1e-8)
-        return -(u * u + v * v) + 0.8 * noise
+        mean, std = noise.mean(), noise.std() + 1e-8  # normalised where scored: the same values
+        top = 0.801 * float((noise.max() - mean) / std) + 1e-6  # 0.8 x the normalised noise is below this
+
+        def blob(rows: slice, cols: slice, t: float = math.inf) -> np.ndarray:
+            return ellipse(rows, cols) + 0.8 * ((noise[rows, cols] - mean) / std)
+
+        return blob, lambda t: -0.999 * t * t + top, math.sqrt(1 + 1.6 * max(top, 0.0))
     raise ValueError(f"unknown region shape {shape!r}; valid shapes are {', '.join(SHAPES)}")
+
+
+def shape_field(shape: str, height: int, width: int, centre: tuple[float, float], radius: float,
+                aspect: float, angle: float, rng: np.random.Generator) -> np.ndarray:
+    """Score (H, W) of a shape centred at ``centre`` (x, y): larger = more inside. Its top pixels
+    form the shape; ``radius`` is that of the circle of the wanted area."""
+    return _scorer(shape, height, width, centre, radius, aspect, angle, rng)[0](slice(None), slice(None))
 
 
 def top_pixels(score: np.ndarray, allowed: np.ndarray | None, k: int) -> np.ndarray:
@@ -285,22 +323,20 @@ def _kth_largest(flat: np.ndarray, ok: np.ndarray | None, k: int) -> np.floating
     return np.partition(values, values.size - k)[values.size - k]
 
 
-def _polygon_region(height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
-                    angle: float, rng: np.random.Generator, allowed: np.ndarray | None, k: int) -> np.ndarray:
-    """``top_pixels(shape_field("polygon", ...), allowed, k)``, the very same pixels, with the polygon
-    scored only in a window about its centre where that provably finds them. A pixel scores at most
-    about -|(u, v)| (the boundary radius is <= max(r) <= 1), so when every pixel outside the window has
-    |(u, v)| >= t and the k-th best allowed score inside is above -0.999 t, no pixel outside is among
-    the top k; when no other pixel inside ties with the k-th, the top k are one set whatever order
-    ``np.argpartition`` leaves ties in, so they are today's. Otherwise the window grows, and a tie or
-    a window of the whole image scores the whole image."""
-    polygon = _polygon(rng)
+def _shape_region(shape: str, height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
+                  angle: float, rng: np.random.Generator, allowed: np.ndarray | None, k: int) -> np.ndarray:
+    """``top_pixels(shape_field(shape, ...), allowed, k)``, the very same pixels, with the shape scored
+    only in a window about its centre where that provably finds them. Every pixel outside the window
+    has |(u, v)| >= t, so scores at most ``bound(t)`` (:func:`_scorer`); when the k-th best allowed
+    score inside is above that, no pixel outside is among the top k; when no other pixel inside ties
+    with the k-th, the top k are one set whatever order ``np.argpartition`` leaves ties in, so they
+    are its pick. Otherwise the window grows, and a tie or a window of the whole image scores the
+    whole image."""
+    score, bound, t = _scorer(shape, height, width, centre, radius, aspect, angle, rng)
     kk = int(min(max(k, 1), height * width if allowed is None else allowed.sum()))  # as top_pixels
     c, s, a = math.cos(angle), math.sin(angle), math.sqrt(aspect)
     half = (radius * math.hypot(c * a, s / a), radius * math.hypot(s * a, c / a))  # |(u, v)| <= 1, pixels
-    # the top k fill about pi in (u, v) (k = pi radius^2 pixels of 1 / radius^2 each): the polygon
-    # (area: half the sum of r[i] r[j] sin(gap) over its n edges) scaled to that area, plus a few pixels
-    t = 1.1 * math.sqrt(2 * math.pi / polygon[-1][1:].sum()) + 3 * max(a, 1 / a) / radius
+    t += 3 * max(a, 1 / a) / radius  # and a few pixels
     while kk > 0:
         # the window: the box of |(u, v)| <= 1.01 t, a pixel more each side (|(u, v)| >= t outside)
         x0, y0 = (max(0, math.floor(centre[d] - 1.01 * t * half[d]) - 1) for d in (0, 1))
@@ -308,19 +344,18 @@ def _polygon_region(height: int, width: int, centre: tuple[float, float], radius
         if (x0, y0, x1, y1) == (0, 0, width, height):
             break
         rows, cols = slice(y0, y1), slice(x0, x1)
-        score = _polygon_score(*_shape_coords(height, width, centre, radius, aspect, angle, rows, cols), polygon)
-        inside = score.ravel() if allowed is None else score[allowed[rows, cols]]
+        field = score(rows, cols, t)
+        inside = field.ravel() if allowed is None else field[allowed[rows, cols]]
         if inside.size >= kk:
             kth = np.partition(inside, inside.size - kk)[inside.size - kk]
-            if kth > -0.999 * t:
+            if kth > bound(t):
                 if np.count_nonzero(inside >= kth) != kk:  # a tie at the k-th: argpartition's pick
                     break
                 out = np.zeros((height, width), bool)
-                out[rows, cols] = score >= kth if allowed is None else (score >= kth) & allowed[rows, cols]
+                out[rows, cols] = field >= kth if allowed is None else (field >= kth) & allowed[rows, cols]
                 return out
         t *= 2
-    return top_pixels(_polygon_score(*_shape_coords(height, width, centre, radius, aspect, angle), polygon),
-                      allowed, k)
+    return top_pixels(score(slice(None), slice(None)), allowed, k)
 
 
 def draw_region(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
@@ -334,11 +369,9 @@ def draw_region(height: int, width: int, rng: np.random.Generator, cfg: Manipula
     angle = rng.uniform(0, math.pi)
     cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
     cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
-    if shape == "polygon":  # the same pixels as from its shape_field, scored about its centre only
-        return _polygon_region(height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng, allowed,
-                               round(area))
-    score = shape_field(shape, height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng)
-    return top_pixels(score, allowed, round(area))
+    # the top pixels of its shape_field, scored about its centre only
+    return _shape_region(shape, height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng, allowed,
+                         round(area))
 
 
 def draw_regions(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,

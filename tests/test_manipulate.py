@@ -206,6 +206,30 @@ def reference_polygon_field(height, width, centre, radius, aspect, angle, rng):
     return -np.hypot(u, v) / edge
 
 
+def reference_shape_field(shape, height, width, centre, radius, aspect, angle, rng):
+    """shape_field as it was before regions were scored in windows (the reference, bit for bit)."""
+    import math
+
+    import cv2
+
+    if shape == "polygon":
+        return reference_polygon_field(height, width, centre, radius, aspect, angle, rng)
+    dx = np.arange(width, dtype=np.float32)[None] - np.float32(centre[0])
+    dy = np.arange(height, dtype=np.float32)[:, None] - np.float32(centre[1])
+    c, s, k = math.cos(angle), math.sin(angle), math.sqrt(aspect)
+    u = dx * np.float32(c / (k * radius)) + dy * np.float32(s / (k * radius))
+    v = dx * np.float32(-s * k / radius) + dy * np.float32(c * k / radius)
+    if shape == "ellipse":
+        return -(u * u + v * v)
+    if shape == "rectangle":
+        return -np.maximum(np.abs(u), np.abs(v))
+    cells = int(np.clip(round(max(height, width) / (0.7 * radius)), 4, 64))
+    noise = cv2.resize(rng.standard_normal((cells, cells)).astype(np.float32), (width, height),
+                       interpolation=cv2.INTER_CUBIC)
+    noise = (noise - noise.mean()) / (noise.std() + 1e-8)
+    return -(u * u + v * v) + 0.8 * noise
+
+
 def reference_top_pixels(score, allowed, k):
     flat = score.ravel() if allowed is None else np.where(allowed, score, -np.inf).ravel()
     k = int(min(max(k, 1), flat.size if allowed is None else allowed.sum()))
@@ -219,8 +243,6 @@ def reference_draw_region(height, width, rng, cfg, allowed=None, polygon_field=r
     """draw_region as it was: every shape's whole field, then its top pixels."""
     import math
 
-    from hybrid.manipulate import shape_field
-
     names = list(cfg.shapes)
     weights = np.array([cfg.shapes[n] for n in names], float)
     shape = names[int(rng.choice(len(names), p=weights / weights.sum()))]
@@ -230,7 +252,7 @@ def reference_draw_region(height, width, rng, cfg, allowed=None, polygon_field=r
     cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
     cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
     args = (height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng)
-    score = polygon_field(*args) if shape == "polygon" else shape_field(shape, *args)
+    score = polygon_field(*args) if shape == "polygon" else reference_shape_field(shape, *args)
     return reference_top_pixels(score, allowed, round(area))
 
 
@@ -280,6 +302,34 @@ def test_polygon_regions_are_those_of_the_reference(area):
         np.testing.assert_array_equal(draw_region(height, width, rng, cfg, allowed),
                                       reference_draw_region(height, width, ref, cfg, allowed))
         assert rng.bit_generator.state == ref.bit_generator.state  # the same draws: what follows is unchanged
+
+
+@pytest.mark.parametrize("shape", ["ellipse", "rectangle", "blob"])
+def test_fields_and_regions_of_each_shape_are_those_of_the_reference(shape):
+    """Every shape is scored in a window about its centre: its field must be the whole field's, bit
+    for bit, and its regions the reference's (masks that pull the top pixels far from the centre,
+    tiny and large areas, thin shapes, ties about pixel centres)."""
+    from hybrid.manipulate import shape_field
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        height, width = SIZES[trial % 3]
+        args = (height, width, (float(rng.integers(width)), float(rng.integers(height))), rng.uniform(0.5, 60),
+                float(np.exp(rng.uniform(-2, 2))), rng.uniform(0, np.pi))
+        seed = int(rng.integers(1 << 31))
+        got = shape_field(shape, *args, np.random.default_rng(seed))
+        want = reference_shape_field(shape, *args, np.random.default_rng(seed))
+        assert got.dtype == want.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for area in [(0.0005, 0.4), (0.005, 0.04)]:
+        cfg = ManipulateConfig(shapes={shape: 1.0}, area=area, aspect=(0.1, 10.0))
+        for trial in range(120):
+            height, width = SIZES[trial % 3]
+            allowed = some_allowed(trial // 3 % 6, height, width, rng)
+            got, ref = np.random.default_rng(trial), np.random.default_rng(trial)
+            np.testing.assert_array_equal(draw_region(height, width, got, cfg, allowed),
+                                          reference_draw_region(height, width, ref, cfg, allowed))
+            assert got.bit_generator.state == ref.bit_generator.state
 
 
 def test_regions_of_all_shapes_and_sample_region_are_those_of_the_reference():
