@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -159,9 +160,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _uint8_tensor(x: torch.Tensor) -> torch.Tensor:
-    """:func:`to_uint8` as a tensor on ``x``'s device (a view with channels last)."""
-    a = x.float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8).permute(0, 2, 3, 1)
-    return a[..., 0] if a.shape[-1] == 1 else a
+    """:func:`to_uint8` as a tensor on ``x``'s device (on a GPU a view with channels last)."""
+    return _as_uint8(x.float().clamp(-1, 1).add_(1).mul_(127.5).round_())
+
+
+def _as_uint8(a: torch.Tensor) -> torch.Tensor:
+    """Whole numbers 0..255 in float (B, C, H, W) as uint8 (B, H, W, C), or (B, H, W) for one
+    channel. On a CPU numpy's cast and OpenCV's channel merge: about 2.5x faster than torch's
+    cast and strided copy (0.18 against 0.45 ms for a 256 px RGB image), the same bytes."""
+    if a.device.type != "cpu":
+        a = a.to(torch.uint8).permute(0, 2, 3, 1)
+        return a[..., 0] if a.shape[-1] == 1 else a
+    planes = a.numpy().astype(np.uint8)
+    if planes.shape[1] == 1:
+        return torch.from_numpy(planes[:, 0])
+    out = np.empty((planes.shape[0], *planes.shape[2:], planes.shape[1]), np.uint8)
+    for image, dst in zip(planes, out):
+        cv2.merge(list(image), dst=dst)
+    return torch.from_numpy(out)
 
 
 def _depth_uint16(x: torch.Tensor) -> np.ndarray:
@@ -225,7 +241,7 @@ def encode_batch(G: Generator, batch: Mapping[str, torch.Tensor], precision: str
     result = {}
     for d, o in out.items():
         enc = {"image": _uint8_tensor(o["image"]).contiguous(),
-               "mask": o["mask"][:, 0].float().clamp(0, 1).mul_(255).round_().to(torch.uint8)}
+               "mask": _as_uint8(o["mask"].float().clamp(0, 1).mul_(255).round_())}
         if G_star is not None:
             image = o["image"].float().clamp(-1, 1)
             xs = G_star.inputs({"target_image": image, "reference_depth": star_maps["depth"],
