@@ -21,9 +21,11 @@ between the model and the stage is visible. Feature networks have random weights
 
 Columns: ``img/s`` over the whole stage call (set-up and writing included), ``steady`` the
 rate after the first batch, ``main ms/img`` the main process's CPU time (all its threads) outside
-the model calls per image, ``host ms/img`` the same plus the DataLoader workers' CPU time, ``peak
-MiB`` torch.cuda.max_memory_allocated on a GPU and the larger of the process's and its children's
-max RSS on a CPU. On a GPU the CPU figures include time spent waiting for the device.
+the model calls per image (with one torch thread a model call counts its own thread's CPU time
+only, so a writer thread's work meanwhile stays host time), ``host ms/img`` the same plus the
+DataLoader workers' CPU time, ``peak MiB`` torch.cuda.max_memory_allocated on a GPU and the larger
+of the process's and its children's max RSS on a CPU. On a GPU the CPU figures include time
+spent waiting for the device.
 
 ``--scaling N1 N2 ...`` runs only preprocess and generate at each size (a random-weight generator,
 N generated images) and prints their peak memory: flat when memory does not grow with the data.
@@ -188,13 +190,19 @@ class Meter:
         return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
     def wrap(self, fn):
-        """``fn`` with its CPU time counted as model time (no device sync: launches only on a GPU)."""
+        """``fn`` with its CPU time counted as model time (no device sync: launches only on a GPU).
+        With one torch thread the model runs on the calling thread, and only that thread's CPU
+        time is counted: the writer thread's work meanwhile stays host time."""
+        import torch
+
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
         def timed(*a, **k):
-            c = time.process_time()
+            c = clock()
             try:
                 return fn(*a, **k)
             finally:
-                self.model_cpu += time.process_time() - c
+                self.model_cpu += clock() - c
         return timed
 
     def mark_first(self) -> None:
