@@ -125,6 +125,31 @@ def test_todo_removes_the_temporary_files_a_killed_run_left(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".shard-00003.h5.z9.h5.partial"]  # not this part's shard
 
 
+def test_a_shard_being_written_holds_its_space_and_gives_back_what_it_did_not_use(tmp_path):
+    """The space of the whole shard is reserved when it is begun, so another job cannot fill the disk
+    midway (HDF5's create truncates the file: a reservation made before it was lost), and the unused
+    part of the reservation is given back when the shard is published."""
+    import os
+
+    from hybrid.data.shards import _KEEP_SIZE, _fallocate
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    with open(probe, "r+b") as fh:
+        if _fallocate is None or _fallocate(fh.fileno(), _KEEP_SIZE, 0, 1 << 20) != 0:
+            pytest.skip("this file system cannot reserve space (fallocate)")
+    n, shape = 32, (64, 64, 3)
+    data = n * int(np.prod(shape))
+    w = ShardWriter(tmp_path / "shard-00000.h5", {"image": (shape, np.uint8)},
+                    {"sample_id": [str(i) for i in range(n)]}, {})
+    [tmp] = tmp_path.glob(".shard-00000.h5.*")
+    assert os.stat(tmp).st_blocks * 512 >= data > os.path.getsize(tmp)  # held before the rows are written
+    w.write("image", slice(0, n), np.ones((n, *shape), np.uint8))
+    w.close()
+    st = os.stat(tmp_path / "shard-00000.h5")
+    assert st.st_size >= data and st.st_blocks * 512 <= st.st_size + (64 << 10)  # nothing held past its end
+
+
 def test_a_file_system_that_cannot_reserve_space_still_gets_its_shard(tmp_path, monkeypatch):
     """Where fallocate is not supported (NFS v3, some cluster file systems) nothing is reserved and
     the shard is written as usual; any other failure to reserve (a full disk) is an error."""
