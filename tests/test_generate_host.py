@@ -149,3 +149,16 @@ def test_stage_shards_hold_the_plain_paths_arrays_strings_and_attributes(tmp_pat
     reference_shards(tmp_path / "plain", ckpt, index, manifest, cfg, star)
     stage, plain = digests(tmp_path / "stage"), digests(tmp_path / "plain")
     assert len(stage) > 1 and stage == plain
+
+
+def test_shards_with_edges_not_stored_as_uint8_are_refused_naming_the_file(tmp_path):
+    """Global pairs feed the stored edges as they are (uint8 over 255, the float path's values); edges
+    stored otherwise (not by this project's preprocess) would be fed differently, so they are refused."""
+    index, _ = make_dataset(tmp_path)
+    shard = index.parent / "shard-00000.h5"
+    with h5py.File(shard, "r+") as f:
+        edge = f["edge"][:]
+        del f["edge"]
+        f.create_dataset("edge", data=edge.astype(np.uint16) * 257, chunks=(1, *edge.shape[1:]))
+    with pytest.raises(ValueError, match=r"shard-00000.h5 stores edges as uint16.*rerun"):
+        Samples(pd.read_parquet(index), index.parent)
