@@ -33,6 +33,7 @@ the region every map is returned bit-identical. All randomness comes from the ca
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -145,21 +146,31 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
     ``depth``: nearer than the border median by more than ``threshold`` of the depth range;
     ``color``: some channel differs from the border median colour by more than ``threshold`` of
     the value range; ``auto``: depth when it gives a usable foreground (1% to 90% of the image),
-    else colour.
+    else colour. Computed in numpy, by the float32 operations of :func:`background_value` and a
+    torch comparison (the same pixels: a third of the time).
     """
-    def usable(fg: torch.Tensor) -> np.ndarray | None:
-        frac = float(fg.float().mean())
-        return fg.cpu().numpy() if _FG_FRACTION[0] <= frac <= _FG_FRACTION[1] else None
+    def usable(fg: np.ndarray) -> np.ndarray | None:
+        # torch's float32 mean of the 0 / 1 values: their exact count over the pixels, rounded once
+        frac = float(np.float32(np.count_nonzero(fg)) / np.float32(fg.size)) if fg.size <= 1 << 24 else \
+            float(torch.from_numpy(fg).float().mean())
+        return fg if _FG_FRACTION[0] <= frac <= _FG_FRACTION[1] else None
 
     if mode in ("auto", "depth") and "depth" in maps:
-        d = maps["depth"]
-        fg = usable((d - background_value(d))[0] > 2 * threshold)
+        d = maps["depth"].cpu().numpy()
+        fg = usable((d - _border_median(d))[0] > np.float32(2 * threshold))
         if fg is not None or mode == "depth":
             return fg
     if mode in ("auto", "color") and "image" in maps:
-        im = unit_tensor(maps["image"])
-        return usable(((im - background_value(im)).abs() > 2 * threshold).any(0))
+        im = unit_tensor(maps["image"]).cpu().numpy()
+        return usable((np.abs(im - _border_median(im)) > np.float32(2 * threshold)).any(0))
     return None
+
+
+def _border_median(x: np.ndarray) -> np.ndarray:
+    """:func:`background_value` of ``x`` (C, H, W) in numpy: torch's median is the lower middle value."""
+    values = x.reshape(len(x), -1)[:, _ring_pixels(*x.shape[-2:]).numpy()]
+    middle = (values.shape[1] - 1) // 2
+    return np.partition(values, middle, axis=1)[:, middle, None, None]
 
 
 # ----------------------------------------------------------------------------- regions
@@ -244,8 +255,10 @@ def _scorer(shape: str, height: int, width: int, centre: tuple[float, float], ra
             return -np.maximum(np.abs(u), np.abs(v))
 
         return rectangle, lambda t: -0.999 * t / math.sqrt(2), 1.4
-    if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle (<= 1)
+    if shape == "polygon":  # a random star-shaped polygon: radius of its boundary at each angle (<= R)
         polygon = _polygon(rng)
+        big = float(polygon[2].max())  # R, the largest vertex radius: no boundary point is farther
+        last: list = []  # the previous window's (rows, cols, field, disc): a grown window reuses it
 
         def star(rows: slice, cols: slice, t: float = math.inf) -> np.ndarray:
             u, v = coords(rows, cols)
@@ -253,11 +266,19 @@ def _scorer(shape: str, height: int, width: int, centre: tuple[float, float], ra
                 return _polygon_score(u, v, polygon)
             near = u * u + v * v < np.float32(1.01 * t) ** 2  # the costly score in the disc only
             out = np.full(u.shape, -np.inf)
-            out[near] = _polygon_score(u[near], v[near], polygon)
+            todo = near
+            if last and all(o.start >= n.start and o.stop <= n.stop for o, n in zip(last[:2], (rows, cols))):
+                inner = tuple(slice(o.start - n.start, o.stop - n.start) for o, n in zip(last[:2], (rows, cols)))
+                out[inner] = last[2]  # scored before (the same values: each pixel's own)
+                todo = near.copy()
+                todo[inner] &= ~last[3]
+            out[todo] = _polygon_score(u[todo], v[todo], polygon)
+            last[:] = rows, cols, out, near | (out > -np.inf)
             return out
 
-        # its area is half the sum of r[i] r[j] sin(gap) over the n edges; scaled to area pi
-        return star, lambda t: -0.999 * t, 1.1 * math.sqrt(2 * math.pi / polygon[-1][1:].sum())
+        # its area is half the sum of r[i] r[j] sin(gap) over the n edges; scaled to area pi, no
+        # boundary point is farther than R times the scale
+        return star, lambda t: -0.999 * t / big, 1.1 * big * math.sqrt(2 * math.pi / polygon[-1][1:].sum())
     if shape == "blob":  # thresholded smooth noise under an elliptic envelope: an irregular blob
         cells = int(np.clip(round(max(height, width) / (0.7 * radius)), 4, 64))
         noise = cv2.resize(rng.standard_normal((cells, cells)).astype(np.float32), (width, height),
@@ -324,16 +345,19 @@ def _kth_largest(flat: np.ndarray, ok: np.ndarray | None, k: int) -> np.floating
 
 
 def _shape_region(shape: str, height: int, width: int, centre: tuple[float, float], radius: float, aspect: float,
-                  angle: float, rng: np.random.Generator, allowed: np.ndarray | None, k: int) -> np.ndarray:
+                  angle: float, rng: np.random.Generator, allowed: np.ndarray | None, k: int,
+                  count: int | None = None) -> np.ndarray:
     """``top_pixels(shape_field(shape, ...), allowed, k)``, the very same pixels, with the shape scored
     only in a window about its centre where that provably finds them. Every pixel outside the window
     has |(u, v)| >= t, so scores at most ``bound(t)`` (:func:`_scorer`); when the k-th best allowed
     score inside is above that, no pixel outside is among the top k; when no other pixel inside ties
     with the k-th, the top k are one set whatever order ``np.argpartition`` leaves ties in, so they
     are its pick. Otherwise the window grows, and a tie or a window of the whole image scores the
-    whole image."""
+    whole image. ``count``: how many pixels ``allowed`` holds, when the caller knows."""
     score, bound, t = _scorer(shape, height, width, centre, radius, aspect, angle, rng)
-    kk = int(min(max(k, 1), height * width if allowed is None else allowed.sum()))  # as top_pixels
+    if count is None:
+        count = height * width if allowed is None else int(np.count_nonzero(allowed))
+    kk = int(min(max(k, 1), count))  # as top_pixels
     c, s, a = math.cos(angle), math.sin(angle), math.sqrt(aspect)
     half = (radius * math.hypot(c * a, s / a), radius * math.hypot(s * a, c / a))  # |(u, v)| <= 1, pixels
     t += 3 * max(a, 1 / a) / radius  # and a few pixels
@@ -354,32 +378,63 @@ def _shape_region(shape: str, height: int, width: int, centre: tuple[float, floa
                 out = np.zeros((height, width), bool)
                 out[rows, cols] = field >= kth if allowed is None else (field >= kth) & allowed[rows, cols]
                 return out
-        t *= 2
+        # grow the window about as much as the pixels scoring above the bound say is needed (their
+        # count grows with the area, t^2), at least by a quarter and at most twice
+        sure = np.count_nonzero(inside > bound(t))
+        t *= min(2.0, max(1.25, 1.2 * math.sqrt(kk / max(sure, 1))))
     return top_pixels(score(slice(None), slice(None)), allowed, k)
 
 
+@functools.lru_cache(maxsize=64)
+def _shape_cdf(weights: tuple[float, ...]) -> tuple[float, ...]:
+    """The cumulative distribution ``rng.choice(n, p=w / w.sum())`` searches, computed as it does."""
+    w = np.array(weights, float)
+    cdf = (w / w.sum()).cumsum()
+    cdf /= cdf[-1]
+    return tuple(cdf.tolist())
+
+
+def _choose(rng: np.random.Generator, weights: tuple[float, ...]) -> int:
+    """``int(rng.choice(len(weights), p=w / w.sum()))``, the same index from the same one draw
+    (``Generator.choice`` with ``p``: one ``rng.random()`` searched in the cdf, side right), without
+    its argument checks (about 50 us; the weights are checked by :class:`ManipulateConfig`)."""
+    return bisect.bisect_right(_shape_cdf(weights), rng.random())
+
+
+def _candidates(height: int, width: int, allowed: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """The flat indices a region's centre is drawn from (None: every pixel) and how many pixels
+    ``allowed`` holds (the image's when None)."""
+    if allowed is None:
+        return None, height * width
+    cand = np.flatnonzero(allowed)
+    return (cand if len(cand) else None), len(cand)
+
+
 def draw_region(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
-                allowed: np.ndarray | None = None) -> np.ndarray:
-    """One random region (H, W) bool of ``cfg.area`` x image pixels, inside ``allowed`` if given."""
+                allowed: np.ndarray | None = None,
+                candidates: tuple[np.ndarray | None, int] | None = None) -> np.ndarray:
+    """One random region (H, W) bool of ``cfg.area`` x image pixels, inside ``allowed`` if given.
+    ``candidates``: :func:`_candidates` of ``allowed``, when the caller has it."""
     names = list(cfg.shapes)
-    weights = np.array([cfg.shapes[n] for n in names], float)
-    shape = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    shape = names[_choose(rng, tuple(cfg.shapes[n] for n in names))]
     area = rng.uniform(*cfg.area) * height * width
     aspect = math.exp(rng.uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1])))
     angle = rng.uniform(0, math.pi)
-    cand = np.flatnonzero(allowed) if allowed is not None and allowed.any() else np.arange(height * width)
-    cy, cx = divmod(int(cand[rng.integers(len(cand))]), width)
+    cand, count = candidates or _candidates(height, width, allowed)
+    i = int(rng.integers(height * width if cand is None else len(cand)))
+    cy, cx = divmod(i if cand is None else int(cand[i]), width)
     # the top pixels of its shape_field, scored about its centre only
     return _shape_region(shape, height, width, (cx, cy), math.sqrt(area / math.pi), aspect, angle, rng, allowed,
-                         round(area))
+                         round(area), count)
 
 
 def draw_regions(height: int, width: int, rng: np.random.Generator, cfg: ManipulateConfig,
                  allowed: np.ndarray | None = None) -> np.ndarray:
     """The union of ``cfg.regions`` (min, max) random regions."""
     out = np.zeros((height, width), bool)
+    candidates = _candidates(height, width, allowed)
     for _ in range(int(rng.integers(cfg.regions[0], cfg.regions[1] + 1))):
-        out |= draw_region(height, width, rng, cfg, allowed)
+        out |= draw_region(height, width, rng, cfg, allowed, candidates=candidates)
     return out
 
 

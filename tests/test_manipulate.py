@@ -239,8 +239,10 @@ def reference_top_pixels(score, allowed, k):
     return out.reshape(score.shape)
 
 
-def reference_draw_region(height, width, rng, cfg, allowed=None, polygon_field=reference_polygon_field):
-    """draw_region as it was: every shape's whole field, then its top pixels."""
+def reference_draw_region(height, width, rng, cfg, allowed=None, polygon_field=reference_polygon_field,
+                          candidates=None):
+    """draw_region as it was: every shape's whole field, then its top pixels (``candidates``, the
+    centres draw_regions works out once, is ignored: they are worked out here as they were)."""
     import math
 
     names = list(cfg.shapes)
@@ -386,3 +388,65 @@ def test_top_pixels_are_the_argpartition_pick_of_the_whole_field(steps):
         allowed = some_allowed(trial // 3 % 6, height, width, rng)
         k = int(rng.choice([1, 7, rng.integers(1, height * width // 10 + 2), height * width]))
         np.testing.assert_array_equal(top_pixels(score, allowed, k), reference_top_pixels(score, allowed, k))
+
+
+def test_shape_choice_is_that_of_rng_choice_with_the_same_draw():
+    """The region's shape is chosen without rng.choice's argument checks: the same index from the
+    same draw, for any weights the config accepts (zeros, one shape, uneven sums)."""
+    from hybrid.manipulate import _choose
+
+    for weights in [(1.0, 1.0, 1.0, 1.0), (3.0, 0.0, 1.0, 0.5), (1.0,), (0.0, 0.0, 2.0), (1e-9, 7.0, 0.1, 1e3)]:
+        w = np.array(weights, float)
+        for seed in range(300):
+            rng, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+            assert _choose(rng, weights) == int(ref.choice(len(w), p=w / w.sum()))
+            assert rng.bit_generator.state == ref.bit_generator.state
+
+
+def reference_foreground(maps, mode="auto", threshold=0.1):
+    """foreground as it was, in torch (the reference, pixel for pixel)."""
+    from hybrid.data.shards import unit_tensor
+    from hybrid.manipulate import background_value
+
+    def usable(fg):
+        frac = float(fg.float().mean())
+        return fg.cpu().numpy() if 0.01 <= frac <= 0.9 else None
+
+    if mode in ("auto", "depth") and "depth" in maps:
+        d = maps["depth"]
+        fg = usable((d - background_value(d))[0] > 2 * threshold)
+        if fg is not None or mode == "depth":
+            return fg
+    if mode in ("auto", "color") and "image" in maps:
+        im = unit_tensor(maps["image"])
+        return usable(((im - background_value(im)).abs() > 2 * threshold).any(0))
+    return None
+
+
+@pytest.mark.parametrize("mode", ["auto", "depth", "color"])
+def test_foreground_is_that_of_the_torch_reference(mode):
+    """Foregrounds are found in numpy: the same pixels as torch's median and comparison, with values
+    exactly at the threshold, medians of even and odd rings, fractions at the usable bounds, and
+    stored (uint8) or float images."""
+    from hybrid.manipulate import border_ring, foreground
+
+    rng = np.random.default_rng(0)
+    step = np.float32(0.2)
+    for trial in range(60):
+        h, w = [(100, 100), (64, 48), (37, 53)][trial % 3]
+        depth = np.where(rng.random((h, w)) < rng.uniform(0, 1), rng.choice([0, 0.25, 0.5, -0.5], (h, w)), 0.0)
+        depth = depth.astype(np.float32)
+        if trial % 4 == 1:  # exactly at, just below and just above the threshold over the median 0
+            depth = rng.choice(np.array([0, step, np.nextafter(step, 0), np.nextafter(step, 1)], np.float32), (h, w))
+            depth[border_ring(h, w)] = 0
+        if trial % 4 == 2:  # an object of exactly 1% or 90% of a 100 x 100 image, and one pixel more
+            depth = np.zeros((h, w), np.float32)
+            depth.ravel()[rng.permutation(h * w)[:int(rng.choice([100, 101, 9000, 9001, 99]))]] = 1.0
+        image = rng.integers(0, 256, (3, h, w), dtype=np.uint8)
+        image[:, h // 4:h // 2] = rng.integers(0, 256, 3, dtype=np.uint8)[:, None, None]
+        maps = {"depth": torch.from_numpy(depth)[None],
+                "image": torch.from_numpy(image) if trial % 2 else torch.from_numpy(image / 127.5 - 1).float()}
+        got, want = foreground(maps, mode), reference_foreground(maps, mode)
+        assert (got is None) == (want is None), trial
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
