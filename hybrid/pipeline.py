@@ -112,13 +112,27 @@ def _forward(G: Generator, batch: Mapping[str, torch.Tensor], precision: str) ->
     may come as stored (uint8 images): they are converted on the device."""
     device = next(G.parameters()).device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    maps = {c: unit_tensor(batch[c].to(device, non_blocking=True)) for c in G.conditions if c in batch}
-    x = G.inputs(maps).contiguous(memory_format=fmt)
+    x = _inputs(G, batch, device, fmt)
     noise = batch.get("feature_noise")
     noise = noise.to(device, non_blocking=True) if noise is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = G(x, noise)
     return out
+
+
+def _inputs(G: Generator, batch: Mapping[str, torch.Tensor], device: torch.device,
+            fmt: torch.memory_format) -> torch.Tensor:
+    """``G.inputs`` of the batch's maps converted on the device (:func:`unit_tensor`), each straight
+    into its channels of one input tensor: the same values, without a float copy of every map and
+    their concatenation."""
+    maps = {c: batch[c].to(device, non_blocking=True) for c in G.conditions if c in batch}
+    if len(maps) < len(G.conditions):
+        return G.inputs(maps)  # names what is missing
+    first = next(iter(maps.values()))
+    x = torch.empty((len(first), G.in_channels, *first.shape[-2:]), device=device, memory_format=fmt)
+    for c, m in maps.items():
+        unit_tensor(m, out=x[:, G.slices[c]])
+    return x
 
 
 def generate_batch(G: Generator, references: Sequence[Mapping[str, torch.Tensor]],
@@ -239,19 +253,20 @@ def encode_batch(G: Generator, batch: Mapping[str, torch.Tensor], precision: str
     if G_star is not None:
         star_maps = {k: unit_tensor(batch[f"source_{k}"].to(device, non_blocking=True)) for k in ("depth", "edge")}
     result = {}
-    for d, o in out.items():
-        enc = {"image": _uint8_tensor(o["image"]).contiguous(),
-               "mask": _as_uint8(o["mask"].float().clamp(0, 1).mul_(255).round_())}
+    for d, o in out.items():  # the outputs are converted in place (their own tensors, or float copies)
+        image, mask = o["image"].float().clamp_(-1, 1), o["mask"].float().clamp_(0, 1)
+        star = {}
         if G_star is not None:
-            image = o["image"].float().clamp(-1, 1)
             xs = G_star.inputs({"target_image": image, "reference_depth": star_maps["depth"],
                                 "reference_edge": star_maps["edge"]}).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 star = G_star(xs)
-            if "AHD" in star:
-                enc["depth_generated"] = _depth_int32(star["AHD"]["image"].float().clamp(-1, 1))
-            if "AHE" in star:
-                enc["edge_generated"] = _uint8_tensor(star["AHE"]["image"].float().clamp(-1, 1)).contiguous()
+        enc = {"image": _as_uint8(image.add_(1).mul_(127.5).round_()).contiguous(),
+               "mask": _as_uint8(mask.mul_(255).round_())}
+        if "AHD" in star:
+            enc["depth_generated"] = _depth_int32(star["AHD"]["image"].float().clamp(-1, 1))
+        if "AHE" in star:
+            enc["edge_generated"] = _uint8_tensor(star["AHE"]["image"].float().clamp(-1, 1)).contiguous()
         result[d] = enc
     return result
 

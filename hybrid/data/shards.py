@@ -304,15 +304,22 @@ def to_unit(a: np.ndarray, name: str) -> torch.Tensor:
     return t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
 
 
-def unit_tensor(x: torch.Tensor) -> torch.Tensor:
+def unit_tensor(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """A map kept in its stored form (channels first) as float32 in [-1, 1] on its own device, by
     the operations of :func:`to_unit`: uint8 (images, edges) over 255, any other integer type
     (depth: its uint16 values, also as int32) over 65535; a float tensor unchanged. The generate
-    stage sends maps to the device this way (fewer bytes, and no float conversion on the host)."""
+    stage sends maps to the device this way (fewer bytes, and no float conversion on the host).
+    ``out``: a float32 tensor of ``x``'s shape (a view into a larger one) that receives the values."""
+    if out is not None:
+        out.copy_(x)
+        return out if x.is_floating_point() else out.mul_(2.0 / _int_scale(x)).sub_(1.0)
     if x.is_floating_point():
         return x
-    scale = 255.0 if x.dtype == torch.uint8 else 65535.0
-    return x.to(torch.float32).mul_(2.0 / scale).sub_(1.0)
+    return x.to(torch.float32).mul_(2.0 / _int_scale(x)).sub_(1.0)
+
+
+def _int_scale(x: torch.Tensor) -> float:
+    return 255.0 if x.dtype == torch.uint8 else 65535.0
 
 
 class ShardDataset(Dataset):
