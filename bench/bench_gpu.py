@@ -29,8 +29,10 @@ spent waiting for the device.
 
 ``--scaling N1 N2 ...`` runs only preprocess and generate at each size (a random-weight generator,
 N generated images) and prints their peak memory: flat when memory does not grow with the data.
-``--profile`` prints the top functions by own CPU time of the generate stage (workers 0, one
-thread), the generator's forward excluded.
+``--profile`` prints the generate stage's host time per image with workers 0 and one thread (all
+host work in one process): over the whole call, and from the end of the first batch to the end
+of the last (the per-image work: start-up, the manifest and the sheets left out); then the top
+functions by own CPU time, the generator's forward excluded.
 """
 
 from __future__ import annotations
@@ -180,6 +182,8 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
         self.model_cpu = 0.0
         self.first: float | None = None
+        self.images = 0
+        self.marks: list[tuple[float, float, int]] = []  # (own CPU, model CPU, images) at the first and last batch
         self.t0 = time.perf_counter()
         self.c0 = self._cpu()
 
@@ -211,6 +215,14 @@ class Meter:
             self._sync()
             self.first = time.perf_counter()
 
+    def mark(self, images: int) -> None:
+        """The end of a batch of ``images``: :meth:`mark_first`, and the process's CPU and model
+        time then, so that the host time between the first and the last batch (start-up, the
+        manifest and the sheets left out) is known per image."""
+        self.mark_first()
+        self.images += images
+        self.marks[len(self.marks) > 0:] = [(self._cpu()[0], self.model_cpu, self.images)]
+
     def _sync(self) -> None:
         if self.cuda:
             import torch
@@ -229,7 +241,11 @@ class Meter:
         steady = None
         if self.first is not None and images > first_images:
             steady = (images - first_images) / max(time.perf_counter() - self.first, 1e-9)
-        return {"images": images, "wall": wall, "img_s": images / wall, "steady": steady,
+        steady_main = None
+        if len(self.marks) == 2 and self.marks[1][2] > self.marks[0][2]:
+            (c0, m0, i0), (c1, m1, i1) = self.marks
+            steady_main = 1000 * (c1 - c0 - (m1 - m0)) / (i1 - i0)
+        return {"images": images, "wall": wall, "img_s": images / wall, "steady": steady, "steady_main_ms": steady_main,
                 "main_ms": 1000 * (own - self.model_cpu) / max(images, 1),
                 "host_ms": 1000 * (own + kids - self.model_cpu) / max(images, 1), "peak": peak}
 
@@ -340,7 +356,7 @@ def stage_generate(a: dict) -> dict:
 
     def encode(self, batch):
         out = real_encode(self, batch)
-        meter.mark_first()
+        meter.mark(sum(len(o["image"]) for o in out.values()))
         return out
 
     pipeline.HybridPipeline.encode = encode
@@ -596,7 +612,8 @@ def main() -> None:
             p = {**a, "threads": 1, "gen_workers": 0, "profile": True, "out": str(work / "generated-profile")}
             plain = in_child(stage_generate, {**p, "profile": False, "out": str(work / "generated-plain")})
             print(f"\ngenerate, one thread, no workers: host {plain['host_ms']:.2f} ms/img (CPU outside the "
-                  f"generator's forward), {plain['img_s']:.1f} img/s")
+                  f"generator's forward), {_fmt(plain['steady_main_ms'], 2)} ms/img from the first to the last "
+                  f"batch (start-up, manifest and sheets left out), {plain['img_s']:.1f} img/s")
             print(in_child(stage_generate, p)["profile"])
 
 

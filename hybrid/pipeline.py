@@ -175,7 +175,20 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def _uint8_tensor(x: torch.Tensor) -> torch.Tensor:
     """:func:`to_uint8` as a tensor on ``x``'s device (on a GPU a view with channels last)."""
-    return _as_uint8(x.float().clamp(-1, 1).add_(1).mul_(127.5).round_())
+    return _as_uint8(_to_255(x))
+
+
+def _to_255(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> whole numbers 0..255 in float, elementwise (any shape; a new tensor)."""
+    return x.float().clamp(-1, 1).add_(1).mul_(127.5).round_()
+
+
+def stored_values(x: torch.Tensor, depth: bool = False) -> torch.Tensor:
+    """[-1, 1] values of any shape as the shards store them, elementwise: uint8 0..255, or depth's
+    uint16 0..65535 as int32 (the numbers of :func:`to_uint8` / :func:`_depth_int32`)."""
+    if depth:
+        return x.float().clamp(-1, 1).add_(1).mul_(32767.5).round_().to(torch.int32)
+    return _to_255(x).to(torch.uint8)
 
 
 def _as_uint8(a: torch.Tensor) -> torch.Tensor:
@@ -200,7 +213,7 @@ def _depth_uint16(x: torch.Tensor) -> np.ndarray:
 
 def _depth_int32(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (B, 1, H, W) -> (B, H, W) int32 in 0..65535 (stored as uint16), on ``x``'s device."""
-    return x[:, 0].float().clamp(-1, 1).add_(1).mul_(32767.5).round_().to(torch.int32)
+    return stored_values(x[:, 0], depth=True)
 
 
 DEFAULT_DATA = {"resolution": 256, "fit": "stretch", "edge_model": "canny", "depth_source": "depth_anything_small"}

@@ -162,3 +162,15 @@ def test_shards_with_edges_not_stored_as_uint8_are_refused_naming_the_file(tmp_p
         f.create_dataset("edge", data=edge.astype(np.uint16) * 257, chunks=(1, *edge.shape[1:]))
     with pytest.raises(ValueError, match=r"shard-00000.h5 stores edges as uint16.*rerun"):
         Samples(pd.read_parquet(index), index.parent)
+
+
+def test_every_stored_value_round_trips_through_the_fed_float_exactly():
+    """A local pair's stored maps are the target's own outside the region (only the region's values
+    are converted back), which holds because every stored value comes back from its float as itself."""
+    from hybrid.pipeline import stored_values
+    from hybrid.stages.generate import _unit
+
+    edges = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    depths = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(stored_values(_unit(edges, "edge")).numpy()[0], edges)
+    np.testing.assert_array_equal(stored_values(_unit(depths, "depth"), depth=True).numpy()[0], depths)

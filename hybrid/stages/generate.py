@@ -50,7 +50,7 @@ from hybrid.data.shards import (
 from hybrid.io import write_parquet_atomic, write_png
 from hybrid.manipulate import MANIPULATED, ManipulateConfig
 from hybrid.models.generator import Generator
-from hybrid.pipeline import HybridPipeline, _depth_int32, _uint8_tensor, conditions, resolve_precision, seeded_noise
+from hybrid.pipeline import HybridPipeline, conditions, resolve_precision, seeded_noise, stored_values
 from hybrid.planning import KINDS, Job, PairingConfig, plan_jobs, safe_name
 from hybrid.viz import contact_sheet
 
@@ -313,11 +313,14 @@ class PairConditions(torch.utils.data.Dataset):
             reference.pop("star_depth", None)
             target.pop("star_depth", None)
             maps = conditions(reference, target, j.manipulation, j.seed, self.cfg, self._masks(j))
-            item = {"stored_region": maps.pop("region")[0].to(torch.uint8) * 255}
-            if "target_edge" in maps:
-                item["stored_edge"] = _uint8_tensor(maps["target_edge"][None])[0]
-            if "target_depth" in maps:
-                item["stored_depth"] = _depth_int32(maps["target_depth"][None])[0]
+            region = maps.pop("region")[0]
+            item = {"stored_region": region.to(torch.uint8) * 255}
+            inside = region.numpy()
+            for name in MANIPULATED:  # outside the region the maps are the stored ones (exact round trip)
+                if f"target_{name}" in maps:
+                    stored = tgt[name].astype(np.int32) if name == "depth" else tgt[name].copy()
+                    stored[inside] = stored_values(maps[f"target_{name}"][0][region], name == "depth").numpy()
+                    item[f"stored_{name}"] = torch.from_numpy(stored)
         else:  # the target's maps as stored; of the reference only what the generator takes
             ref = s.read(j.reference_id, [c.split("_", 1)[1] for c in self.conditions if c.startswith("reference_")])
             maps = {f"reference_{k}": v for k, v in s.tensors(ref).items()}
