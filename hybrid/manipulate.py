@@ -146,8 +146,8 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
     ``depth``: nearer than the border median by more than ``threshold`` of the depth range;
     ``color``: some channel differs from the border median colour by more than ``threshold`` of
     the value range; ``auto``: depth when it gives a usable foreground (1% to 90% of the image),
-    else colour. Computed in numpy, by the float32 operations of :func:`background_value` and a
-    torch comparison (the same pixels: a third of the time).
+    else colour. Computed in numpy by the float32 operations of :func:`background_value` and of a
+    torch comparison: the same pixels in about half the time.
     """
     def usable(fg: np.ndarray) -> np.ndarray | None:
         # torch's float32 mean of the 0 / 1 values: their exact count over the pixels, rounded once
