@@ -221,7 +221,7 @@ class Meter:
         manifest and the sheets left out) is known per image."""
         self.mark_first()
         self.images += images
-        self.marks[len(self.marks) > 0:] = [(self._cpu()[0], self.model_cpu, self.images)]
+        self.marks = self.marks[:1] + [(self._cpu()[0], self.model_cpu, self.images)]  # the first and the last
 
     def _sync(self) -> None:
         if self.cuda:

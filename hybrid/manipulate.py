@@ -135,9 +135,9 @@ def _ring_pixels(height: int, width: int) -> torch.Tensor:
 
 
 def background_value(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel median of ``x`` (C, H, W) on the border ring, shaped (C, 1, 1)."""
-    ring = _ring_pixels(*x.shape[-2:]).to(x.device)
-    return x.flatten(1).index_select(1, ring).median(dim=1).values[:, None, None]
+    """Per-channel median of ``x`` (C, H, W) on the border ring (the lower middle value, as torch's
+    median), shaped (C, 1, 1)."""
+    return torch.from_numpy(_border_median(x.cpu().numpy())).to(x.device)
 
 
 def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: float = 0.1) -> np.ndarray | None:
@@ -146,8 +146,8 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
     ``depth``: nearer than the border median by more than ``threshold`` of the depth range;
     ``color``: some channel differs from the border median colour by more than ``threshold`` of
     the value range; ``auto``: depth when it gives a usable foreground (1% to 90% of the image),
-    else colour. Computed in numpy by the float32 operations of :func:`background_value` and of a
-    torch comparison: the same pixels in about half the time.
+    else colour. Computed in numpy by the float32 operations of torch's median and comparison: the
+    same pixels in about half the time.
     """
     def usable(fg: np.ndarray) -> np.ndarray | None:
         # torch's float32 mean of the 0 / 1 values: their exact count over the pixels, rounded once
@@ -167,7 +167,7 @@ def foreground(maps: Mapping[str, torch.Tensor], mode: str = "auto", threshold: 
 
 
 def _border_median(x: np.ndarray) -> np.ndarray:
-    """:func:`background_value` of ``x`` (C, H, W) in numpy: torch's median is the lower middle value."""
+    """:func:`background_value` of ``x`` (C, H, W) as an array (C, 1, 1)."""
     values = x.reshape(len(x), -1)[:, _ring_pixels(*x.shape[-2:]).numpy()]
     middle = (values.shape[1] - 1) // 2
     return np.partition(values, middle, axis=1)[:, middle, None, None]

@@ -168,9 +168,21 @@ def test_every_stored_value_round_trips_through_the_fed_float_exactly():
     """A local pair's stored maps are the target's own outside the region (only the region's values
     are converted back), which holds because every stored value comes back from its float as itself."""
     from hybrid.pipeline import stored_values
-    from hybrid.stages.generate import _unit
 
     edges = np.arange(256, dtype=np.uint8).reshape(16, 16)
     depths = np.arange(65536, dtype=np.uint16).reshape(256, 256)
-    np.testing.assert_array_equal(stored_values(_unit(edges, "edge")).numpy()[0], edges)
-    np.testing.assert_array_equal(stored_values(_unit(depths, "depth"), depth=True).numpy()[0], depths)
+    np.testing.assert_array_equal(stored_values(to_unit(edges, "edge")).numpy()[0], edges)
+    np.testing.assert_array_equal(stored_values(to_unit(depths, "depth"), depth=True).numpy()[0], depths)
+
+
+def test_to_unit_in_place_gives_the_values_of_the_plain_formula():
+    """to_unit converts on one float copy in place; every stored value must get the float it got
+    from the plain ``a.astype(float32) * (2 / scale) - 1`` (and the device's unit_tensor the same)."""
+    from hybrid.data.shards import unit_tensor
+
+    for a, scale in ((np.arange(256, dtype=np.uint8).reshape(16, 16), 255.0),
+                     (np.arange(65536, dtype=np.uint16).reshape(256, 256), 65535.0)):
+        plain = torch.from_numpy(a.astype(np.float32)) * (2.0 / scale) - 1.0
+        name = "depth" if a.dtype == np.uint16 else "edge"
+        assert torch.equal(to_unit(a, name)[0], plain)
+        assert torch.equal(unit_tensor(torch.from_numpy(a.astype(np.int32) if scale > 255 else a)), plain)

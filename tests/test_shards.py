@@ -184,3 +184,10 @@ def test_a_shard_whose_arrays_disagree_on_the_sample_count_is_refused_and_leaves
                                                   "edge": np.zeros((3, 4, 4), np.uint8)},
                     {"sample_id": ["a", "b"]}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_an_array_the_shard_does_not_have_names_it_and_the_shards_arrays(tmp_path):
+    w = ShardWriter(tmp_path / "s.h5", {"image": ((2, 2, 3), np.uint8)}, {"sample_id": ["a"]}, {})
+    with pytest.raises(KeyError, match=r"'edge'.*\['image'\]"):
+        w.write("edge", slice(0, 1), np.zeros((1, 2, 2), np.uint8))
+    w.abort()

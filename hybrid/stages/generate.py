@@ -45,6 +45,7 @@ from hybrid.data.shards import (
     part_range,
     read_attrs,
     says_what_is_kept,
+    to_unit,
     unit_tensor,
 )
 from hybrid.io import write_parquet_atomic, write_png
@@ -240,19 +241,12 @@ class Samples:
 
     def tensors(self, item: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Stored arrays (those of ``item`` among the sample's) as the manipulations take them."""
-        out = {k: _unit(item[k], k) for k in ("edge", "depth") if k in item}
+        out = {k: to_unit(item[k], k) for k in ("edge", "depth") if k in item}
         if "image" in item:
             out["image"] = torch.from_numpy(item["image"]).permute(2, 0, 1)  # stored uint8: see unit_tensor
         if self.star_depth is not None and self.star_depth in item:
-            out["star_depth"] = _unit(item[self.star_depth], self.star_depth)
+            out["star_depth"] = to_unit(item[self.star_depth], self.star_depth)
         return out
-
-
-def _unit(a: np.ndarray, name: str) -> torch.Tensor:
-    """:func:`hybrid.data.shards.to_unit` computed in place on one float copy: the same values."""
-    scale = 65535.0 if name.startswith("depth") or a.dtype == np.uint16 else 255.0
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).mul_(2.0 / scale).sub_(1.0)
-    return t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
 
 
 class PairConditions(torch.utils.data.Dataset):
