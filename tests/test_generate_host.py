@@ -186,3 +186,34 @@ def test_to_unit_in_place_gives_the_values_of_the_plain_formula():
         name = "depth" if a.dtype == np.uint16 else "edge"
         assert torch.equal(to_unit(a, name)[0], plain)
         assert torch.equal(unit_tensor(torch.from_numpy(a.astype(np.int32) if scale > 255 else a)), plain)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pairs_are_manipulated_with_one_opencv_thread_and_the_callers_count_comes_back(tmp_path, monkeypatch,
+                                                                                       workers):
+    """OpenCV's thread pool spends more CPU than it saves on per-pair calls at these sizes, so the
+    stage runs them on one thread (in the loop's process and in DataLoader workers) and gives the
+    caller's OpenCV thread count back afterwards."""
+    import cv2
+
+    import hybrid.manipulate as manipulate
+
+    real_warp, seen = manipulate.warp, []
+
+    def warp(*args, **kwargs):
+        if cv2.getNumThreads() != 1:  # raised in a worker too: the stage fails
+            raise AssertionError(f"a pair's OpenCV call ran with {cv2.getNumThreads()} threads")
+        seen.append(1)
+        return real_warp(*args, **kwargs)
+
+    monkeypatch.setattr(manipulate, "warp", warp)
+    index, manifest = make_dataset(tmp_path)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        generate(save_tiny_checkpoint(tmp_path / "ckpt"), index, manifest, tmp_path / "out",
+                 small_cfg(kinds=["local"], workers=workers))
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+    assert seen or workers  # with no worker the calls ran here

@@ -49,7 +49,7 @@ from hybrid.data.shards import (
     unit_tensor,
 )
 from hybrid.io import write_parquet_atomic, write_png
-from hybrid.manipulate import MANIPULATED, ManipulateConfig
+from hybrid.manipulate import MANIPULATED, ManipulateConfig, one_opencv_thread, opencv_threads
 from hybrid.models.generator import Generator
 from hybrid.pipeline import HybridPipeline, conditions, resolve_precision, seeded_noise, stored_values
 from hybrid.planning import KINDS, Job, PairingConfig, plan_jobs, safe_name
@@ -170,8 +170,9 @@ def _run(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_
         if depth_checkpoint is not None:
             attrs["depth_checkpoint"] = str(depth_checkpoint)
         bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(decoders), desc="generate", unit="img")
-        _write_shards([(shards.path(i), chunks[i], {**attrs, "fingerprint": prints[i]}) for i in todo],
-                      pipe, samples, cfg, bar)
+        with opencv_threads(1):  # per-pair OpenCV calls on one thread each (workers too): see opencv_threads
+            _write_shards([(shards.path(i), chunks[i], {**attrs, "fingerprint": prints[i]}) for i in todo],
+                          pipe, samples, cfg, bar)
         bar.close()
     if part is not None:
         samples.data.close()
@@ -443,7 +444,7 @@ def _write_shards(shards: list[tuple[Path, list[Job], dict]], pipe: HybridPipeli
         start += len(js)
     data = PairConditions(jobs, samples, cfg.manipulate, G, cfg.feature_noise, encoded=True)
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, pin_memory=cuda,
-                                         collate_fn=collate_pairs)
+                                         collate_fn=collate_pairs, worker_init_fn=one_opencv_thread)
     todo = iter(shards)
     shard = _Shard(*next(todo), G.decoder_names)
     opened = [shard]  # every shard begun: those not closed at the end are removed
