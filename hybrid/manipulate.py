@@ -581,6 +581,7 @@ def tps(target: Maps, reference: Maps, region: torch.Tensor, rng: np.random.Gene
 Manipulation = Callable[[Maps, Maps, torch.Tensor, np.random.Generator, ManipulateConfig], Maps]
 MANIPULATIONS: dict[str, Manipulation] = {"merge": merge, "remove": remove, "replace": replace, "tps": tps}
 assert tuple(MANIPULATIONS) == MANIPULATION_NAMES
+_FROM_REFERENCE = ("merge", "replace")  # the manipulations that take the reference's maps (moved into the target frame)
 
 
 def local_anomaly(target: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], manipulation: str,
@@ -601,4 +602,6 @@ def local_anomaly(target: Mapping[str, torch.Tensor], reference: Mapping[str, to
     else:
         region_np, affine = sample_region(target, reference, rng, cfg)
     region = torch.from_numpy(region_np)[None].to(next(iter(maps.values())).device)
-    return fn(maps, align_reference(reference, affine), region, rng, cfg), region
+    # remove and tps never read the reference: its maps are moved only for those that do (no draws)
+    moved = align_reference(reference, affine) if manipulation in _FROM_REFERENCE else {}
+    return fn(maps, moved, region, rng, cfg), region
