@@ -51,6 +51,7 @@ from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.manifest import matches
 from hybrid.data.shards import ShardDataset, ShardSet, read_attrs, says_what_is_kept, write_shard
 from hybrid.io import write_parquet_atomic, write_png
+from hybrid.manipulate import opencv_threads
 from hybrid.planning import safe_name
 from hybrid.seeds import derive_seed
 from hybrid.stages.generate import read_generated
@@ -333,9 +334,10 @@ def _run(index: str | Path, manifest: pd.DataFrame, out_dir: str | Path, cfg: Ba
                                          **{m: dataclasses.asdict(cfg.method_config(m)) for m in cfg.methods}},
                                         default=str)
         bar = tqdm(total=sum(len(chunks[i]) for i in todo) * len(cfg.methods), desc="baselines", unit="img")
-        for i in todo:
-            _write_chunk(shards.path(i), chunks[i], cfg, images, pool, textures,
-                         {**attrs, "fingerprint": prints[i]}, bar)
+        with opencv_threads(1):  # per-image OpenCV calls: one thread spends less CPU (see opencv_threads)
+            for i in todo:
+                _write_chunk(shards.path(i), chunks[i], cfg, images, pool, textures,
+                             {**attrs, "fingerprint": prints[i]}, bar)
         bar.close()
     result = read_generated([shards.path(i) for i in range(len(chunks))])
     write_parquet_atomic(result, out_dir / "manifest.parquet")
