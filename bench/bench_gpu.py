@@ -186,6 +186,7 @@ class Meter:
         self.marks: list[tuple[float, float, int]] = []  # (own CPU, model CPU, images) at the first and last batch
         self.t0 = time.perf_counter()
         self.c0 = self._cpu()
+        self.thread0 = time.thread_time()  # the calling thread's: the rest of the process is other threads
 
     @staticmethod
     def _cpu() -> tuple[float, float]:
@@ -245,7 +246,9 @@ class Meter:
         if len(self.marks) == 2 and self.marks[1][2] > self.marks[0][2]:
             (c0, m0, i0), (c1, m1, i1) = self.marks
             steady_main = 1000 * (c1 - c0 - (m1 - m0)) / (i1 - i0)
+        others = own - (time.thread_time() - self.thread0)  # writer threads, and any library's thread pool
         return {"images": images, "wall": wall, "img_s": images / wall, "steady": steady, "steady_main_ms": steady_main,
+                "other_threads_ms": 1000 * others / max(images, 1),
                 "main_ms": 1000 * (own - self.model_cpu) / max(images, 1),
                 "host_ms": 1000 * (own + kids - self.model_cpu) / max(images, 1), "peak": peak}
 
@@ -613,7 +616,9 @@ def main() -> None:
             plain = in_child(stage_generate, {**p, "profile": False, "out": str(work / "generated-plain")})
             print(f"\ngenerate, one thread, no workers: host {plain['host_ms']:.2f} ms/img (CPU outside the "
                   f"generator's forward), {_fmt(plain['steady_main_ms'], 2)} ms/img from the first to the last "
-                  f"batch (start-up, manifest and sheets left out), {plain['img_s']:.1f} img/s")
+                  f"batch (start-up, manifest and sheets left out), {plain['img_s']:.1f} img/s; of the host "
+                  f"time, {plain['other_threads_ms']:.2f} ms/img on threads other than the loop's (the shard "
+                  f"writer's, and any library's thread pool: a spinning pool shows here)")
             print(in_child(stage_generate, p)["profile"])
 
 
