@@ -264,3 +264,30 @@ def test_boot_is_the_train_stage_with_the_af_model_and_the_per_dataset_draw(tmp_
     with pytest.raises(ValueError, match="unknown anomalyfactory.boot config key"):
         run_boot(data["index"], data["manifest"], tmp_path / "x", tmp_path / "x.csv", tmp_path / "s", tmp_path / "w",
                  ah_model, TRAIN, {"epoch": 3}, {})
+
+
+def test_training_pairs_are_edited_with_one_opencv_thread_and_the_callers_count_comes_back(tmp_path, monkeypatch):
+    """A pair's OpenCV calls (the reference's warp, blob noise) come one at a time between numpy work;
+    OpenCV's pool then spins between them (a fifth more CPU per pair, and slower), so Flare's training
+    pairs are edited on one thread and the caller's count comes back after the stage."""
+    import cv2
+
+    import hybrid.stages.flare as flare_stage
+
+    real, counts = flare_stage.local_anomaly, []
+
+    def local_anomaly(*args, **kwargs):
+        counts.append(cv2.getNumThreads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flare_stage, "local_anomaly", local_anomaly)
+    data = make_results(tmp_path)
+    boot = save_af_checkpoint(tmp_path / "boot", "boot")
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        flare_run(data, boot, tmp_path / "a")
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+    assert counts and set(counts) == {1}

@@ -29,6 +29,7 @@ import torch
 from hybrid.augment import AugmentConfig
 from hybrid.checkpoint import keeps_published, published
 from hybrid.config import check_choices, check_keys, choice
+from hybrid.manipulate import opencv_threads
 from hybrid.models.generator import Generator
 from hybrid.seeds import derive_seed
 from hybrid.stages.boot import DECODER, blaze_model_config, load_af_checkpoint
@@ -117,7 +118,7 @@ def run(index: str | Path, manifest: str | Path, flare: str | Path, checkpoint: 
                         ("heat Flare", t["heat"])]
         return t
 
-    with keeps_published("blaze", checkpoint, work_root, work):
+    with keeps_published("blaze", checkpoint, work_root, work), opencv_threads(1):  # pairs' OpenCV: one thread
         out = train_af("blaze", pairs, targets, checkpoint, work, model, train, bc.w_bh, 0.0,
                        flare if bc.init == "flare" else None,
                        {**dataclasses.asdict(bc), "flare": str(flare), "regions": store.status if store else "off",

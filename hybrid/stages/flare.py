@@ -65,7 +65,14 @@ from hybrid.checkpoint import (
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss
-from hybrid.manipulate import MANIPULATION_NAMES, ManipulateConfig, check_manipulation, local_anomaly
+from hybrid.manipulate import (
+    MANIPULATION_NAMES,
+    ManipulateConfig,
+    check_manipulation,
+    local_anomaly,
+    one_opencv_thread,
+    opencv_threads,
+)
 from hybrid.models.discriminator import MultiscaleDiscriminator
 from hybrid.models.generator import Generator, copy_matching
 from hybrid.regions import RegionStore, semantic_region
@@ -335,7 +342,7 @@ def train_af(stage: str, dataset: Dataset, targets: Targets, out_dir: str | Path
             for group in opt.param_groups:
                 group["lr"] = lr
         loader = DataLoader(dataset, batch_sampler=epoch_batches(len(dataset), cfg, epoch, 0, 1)[skip:],
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda", worker_init_fn=one_opencv_thread)
         with csv_path.open("a", newline="") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS)
             for batch in loader:
@@ -487,7 +494,7 @@ def run(index: str | Path, manifest: str | Path, boot: str | Path, checkpoint: s
                         ("region", batch["region"]), ("edited edge", batch["target_edge"]), ("Boot I_t", t["target"])]
         return t
 
-    with keeps_published("flare", checkpoint, work_root, work):
+    with keeps_published("flare", checkpoint, work_root, work), opencv_threads(1):  # pairs' OpenCV: one thread
         out = train_af("flare", pairs, targets, checkpoint, work, boot_G.config, train, fc.w_fh, fc.noise_std, boot,
                        {**dataclasses.asdict(fc), "manipulations": list(fc.manipulations), "boot": str(boot),
                         "max_regions": max_regions, "regions": store.status if store else "off"},

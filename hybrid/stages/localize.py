@@ -49,7 +49,7 @@ import torch
 from hybrid.config import check_choices, check_device, check_keys, choice, resolve_device
 from hybrid.data.manifest import distinct_categories, read_manifest
 from hybrid.io import write_json_atomic, write_parquet_atomic, write_png
-from hybrid.manipulate import ManipulateConfig
+from hybrid.manipulate import ManipulateConfig, opencv_threads
 from hybrid.metrics.localization import LocalizationMetrics, binary_metrics, image_score
 from hybrid.models.generator import Generator
 from hybrid.regions import RegionStore, semantic_region
@@ -212,21 +212,22 @@ def edit_batch(images: torch.Tensor, edges: torch.Tensor, ids: Sequence[str], po
     """Edited edges, regions and whether each was semantic, for each (image, edge) of a batch; the
     replace / merge edges come from a random image of ``pool`` (another image than the target's)."""
     edited, regions, semantic, names = [], [], [], []
-    for i in range(len(images)):
-        rng = np.random.default_rng([seed, i])
-        sem = None
-        if rng.random() < semantic_share and store is not None:
-            labels = store.get(ids[i])
-            if labels is not None and labels.shape == tuple(images.shape[-2:]):
-                sem = semantic_region(labels, rng, max_regions)
-        choices = [k for k, s in enumerate(pool["sample_id"]) if s != ids[i]] or list(range(len(pool["sample_id"])))
-        j = choices[int(rng.integers(len(choices)))]
-        ref = {"image": pool["image"][j], "edge": pool["edge"][j]}
-        e, r, used, m = anomaly_edges(images[i], edges[i], ref, sem, rng, man, manipulations)
-        edited.append(e)
-        regions.append(r.float())
-        semantic.append(used)
-        names.append(m)
+    with opencv_threads(1):  # one pair's OpenCV calls at a time: its thread pool would spin between them
+        for i in range(len(images)):
+            rng = np.random.default_rng([seed, i])
+            sem = None
+            if rng.random() < semantic_share and store is not None:
+                labels = store.get(ids[i])
+                if labels is not None and labels.shape == tuple(images.shape[-2:]):
+                    sem = semantic_region(labels, rng, max_regions)
+            choices = [k for k, s in enumerate(pool["sample_id"]) if s != ids[i]] or list(range(len(pool["sample_id"])))
+            j = choices[int(rng.integers(len(choices)))]
+            ref = {"image": pool["image"][j], "edge": pool["edge"][j]}
+            e, r, used, m = anomaly_edges(images[i], edges[i], ref, sem, rng, man, manipulations)
+            edited.append(e)
+            regions.append(r.float())
+            semantic.append(used)
+            names.append(m)
     return {"edge": torch.stack(edited), "region": torch.stack(regions), "semantic": np.array(semantic),
             "manipulation": names}
 
