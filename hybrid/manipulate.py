@@ -120,7 +120,7 @@ def check_manipulation(name: str) -> str:
     return name
 
 
-# ----------------------------------------------------------------------------- foreground
+# ----------------------------------------------------------------------------- OpenCV's threads
 @contextlib.contextmanager
 def opencv_threads(n: int = 1) -> Iterator[None]:
     """OpenCV's thread count set to ``n`` inside the block and restored after it.
@@ -146,6 +146,7 @@ def one_opencv_thread(worker_id: int = 0) -> None:
     cv2.setNumThreads(1)
 
 
+# ----------------------------------------------------------------------------- foreground
 def border_ring(height: int, width: int) -> np.ndarray:
     """(H, W) bool: the pixels within 5% of the short side from the image border."""
     b = max(1, round(_BORDER * min(height, width)))
