@@ -70,6 +70,18 @@ def one_thread():
 
 
 @pytest.fixture
+def callers_opencv_threads() -> int:
+    """The caller's OpenCV thread count set to 3 (not 1, whatever the machine's cores) for a stage
+    that must run its OpenCV on one thread and give this count back; restored afterwards."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    yield 3
+    cv2.setNumThreads(before)
+
+
+@pytest.fixture
 def model_dir(tmp_path, monkeypatch) -> Path:
     """An empty model dir that the model store looks in first (HYBRID_MODEL_DIR), user cache off."""
     d = tmp_path / "models"

@@ -266,7 +266,8 @@ def test_boot_is_the_train_stage_with_the_af_model_and_the_per_dataset_draw(tmp_
                  ah_model, TRAIN, {"epoch": 3}, {})
 
 
-def test_training_pairs_are_edited_with_one_opencv_thread_and_the_callers_count_comes_back(tmp_path, monkeypatch):
+def test_training_pairs_are_edited_with_one_opencv_thread_and_the_callers_count_comes_back(tmp_path, monkeypatch,
+                                                                                            callers_opencv_threads):
     """A pair's OpenCV calls (the reference's warp, blob noise) come one at a time between numpy work;
     OpenCV's pool then spins between them (a fifth more CPU per pair, and slower), so Flare's training
     pairs are edited on one thread and the caller's count comes back after the stage."""
@@ -283,11 +284,6 @@ def test_training_pairs_are_edited_with_one_opencv_thread_and_the_callers_count_
     monkeypatch.setattr(flare_stage, "local_anomaly", local_anomaly)
     data = make_results(tmp_path)
     boot = save_af_checkpoint(tmp_path / "boot", "boot")
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(3)
-    try:
-        flare_run(data, boot, tmp_path / "a")
-        assert cv2.getNumThreads() == 3
-    finally:
-        cv2.setNumThreads(before)
+    flare_run(data, boot, tmp_path / "a")
+    assert cv2.getNumThreads() == callers_opencv_threads
     assert counts and set(counts) == {1}

@@ -190,6 +190,7 @@ def test_to_unit_in_place_gives_the_values_of_the_plain_formula():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_pairs_are_manipulated_with_one_opencv_thread_and_the_callers_count_comes_back(tmp_path, monkeypatch,
+                                                                                       callers_opencv_threads,
                                                                                        workers):
     """OpenCV's thread pool spends more CPU than it saves on per-pair calls at these sizes, so the
     stage runs them on one thread (in the loop's process and in DataLoader workers) and gives the
@@ -208,12 +209,7 @@ def test_pairs_are_manipulated_with_one_opencv_thread_and_the_callers_count_come
 
     monkeypatch.setattr(manipulate, "warp", warp)
     index, manifest = make_dataset(tmp_path)
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(3)
-    try:
-        generate(save_tiny_checkpoint(tmp_path / "ckpt"), index, manifest, tmp_path / "out",
-                 small_cfg(kinds=["local"], workers=workers))
-        assert cv2.getNumThreads() == 3
-    finally:
-        cv2.setNumThreads(before)
+    generate(save_tiny_checkpoint(tmp_path / "ckpt"), index, manifest, tmp_path / "out",
+             small_cfg(kinds=["local"], workers=workers))
+    assert cv2.getNumThreads() == callers_opencv_threads
     assert seen or workers  # with no worker the calls ran here
