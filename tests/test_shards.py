@@ -1,5 +1,7 @@
 """HDF5 shards: the contract, atomic writes, and a lazy Dataset usable from DataLoader workers."""
 
+import os
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -25,7 +27,7 @@ def test_shard_contract(tmp_path):
     arrays, ids = _write(tmp_path, 0, 3)
     with h5py.File(tmp_path / "shard-00000.h5") as f:
         assert f["image"].dtype == np.uint8 and f["image"].shape == (3, 8, 8, 3)
-        assert f["image"].chunks == (1, 8, 8, 3)
+        assert f["image"].chunks is None  # contiguous: a row is one range of bytes
         assert f["depth"].dtype == np.uint16
         assert list(f["sample_id"].asstr()[:]) == ids
         assert f.attrs["edge_model"] == "canny"
@@ -95,24 +97,51 @@ def test_a_streamed_shard_appears_only_when_closed_and_an_aborted_one_leaves_not
 
 
 def test_reads_of_chunked_filtered_and_contiguous_arrays_agree(tmp_path):
-    """The direct chunk read serves the shards this project writes; any other layout (a filter,
-    contiguous storage, several samples per chunk) is read through h5py and gives the same values."""
+    """A contiguous array (the shards this project writes) is read by one pread of its row, a chunk
+    per sample (shards written before) by a direct chunk read; any other layout (a filter, several
+    samples per chunk, a big-endian array) is read through h5py; every one gives the same values."""
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     index = []
     layouts = {"plain.h5": {"chunks": (1, 8, 8, 3)}, "gzip.h5": {"chunks": (1, 8, 8, 3), "compression": "gzip"},
-               "contiguous.h5": {}, "two.h5": {"chunks": (2, 8, 8, 3)}}
+               "contiguous.h5": {}, "two.h5": {"chunks": (2, 8, 8, 3)}, "big.h5": {"dtype": ">u2"}}
     for name, kw in layouts.items():
         with h5py.File(tmp_path / name, "w") as f:
-            f.create_dataset("image", data=image, **kw)
+            f.create_dataset("image", data=image.astype(kw.pop("dtype", np.uint8)), **kw)
             f.create_dataset("sample_id", data=np.array([f"{name}{i}" for i in range(3)], dtype=object),
                              dtype=h5py.string_dtype())
         index.append(build_index([tmp_path / name]))
     ds = ShardDataset(pd.concat(index, ignore_index=True), ("image",), tmp_path, raw=True)
     got = [ds[i]["image"] for i in range(len(ds))]
     assert all(np.array_equal(g, image[i % 3]) for i, g in enumerate(got))
-    assert {s: direct for (s, _), (_, direct, *_) in ds._arrays.items()} == {
-        "plain.h5": True, "gzip.h5": False, "contiguous.h5": False, "two.h5": False}
+    how = {s: how if how in (None, "chunk") else "pread" for (s, _), (_, how, *_) in ds._arrays.items()}
+    assert how == {"plain.h5": "chunk", "gzip.h5": None, "contiguous.h5": "pread", "two.h5": None, "big.h5": None}
+    ds.close()
+
+
+def test_a_shard_written_now_is_read_back_by_pread_and_a_cut_file_is_a_clear_error(tmp_path):
+    """ShardWriter's arrays are contiguous; each row comes back by one pread at HDF5's offset, the
+    last row included; a file cut short while it is open (HDF5 refuses to open a cut file) names the
+    file, the array and the row instead of returning a half-filled row."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    depth = rng.integers(0, 65536, (5, 6, 7), dtype=np.uint16)
+    path = tmp_path / "shard-00000.h5"
+    write_shard(path, {"image": image, "depth": depth}, {"sample_id": [f"s{i}" for i in range(5)]}, {})
+    ds = ShardDataset(build_index([path]), ("image", "depth"), tmp_path, raw=True)
+    for i in (4, 0, 2):
+        assert np.array_equal(ds[i]["image"], image[i]) and np.array_equal(ds[i]["depth"], depth[i])
+    assert all(isinstance(how, tuple) for _, how, *_ in ds._arrays.values())
+    ds.close()
+
+    ds = ShardDataset(build_index([path]), ("depth",), tmp_path, raw=True)
+    assert np.array_equal(ds[3]["depth"], depth[3])  # the file is open
+    end = ds._arrays["shard-00000.h5", "depth"][1][1] + depth.nbytes
+    assert end == os.path.getsize(path)  # the depth array is the last in the file
+    os.truncate(path, end - 1)  # its last row is cut
+    assert np.array_equal(ds[3]["depth"], depth[3])
+    with pytest.raises(OSError, match=r"shard-00000.h5: array 'depth' row 4 is cut short"):
+        ds[4]
     ds.close()
 
 
