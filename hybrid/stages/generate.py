@@ -314,7 +314,8 @@ class PairConditions(torch.utils.data.Dataset):
             for name in MANIPULATED:  # outside the region the maps are the stored ones (exact round trip)
                 if f"target_{name}" in maps:
                     stored = tgt[name].astype(np.int32) if name == "depth" else tgt[name].copy()
-                    stored[inside] = stored_values(maps[f"target_{name}"][0][region], name == "depth").numpy()
+                    values = torch.from_numpy(maps[f"target_{name}"][0].numpy()[inside])  # numpy's mask: 3x torch's
+                    stored[inside] = stored_values(values, name == "depth").numpy()
                     item[f"stored_{name}"] = torch.from_numpy(stored)
         else:  # the target's maps as stored; of the reference only what the generator takes
             ref = s.read(j.reference_id, [c.split("_", 1)[1] for c in self.conditions if c.startswith("reference_")])
