@@ -224,16 +224,18 @@ def _tps_fade(box: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
 
 
 def tps_warp_grid(src_pts: torch.Tensor, dst_pts: torch.Tensor,
-                  height: int, width: int) -> torch.Tensor:
+                  height: int, width: int, points: torch.Tensor | None = None) -> torch.Tensor:
     """``F.grid_sample`` grid (B, H, W, 2), align_corners=False, of the TPS moving src to dst.
 
     ``src_pts``/``dst_pts`` are (B, K, 2) pixel (x, y) points, K >= 3 not all collinear. The spline
-    is global (no window); mask the result yourself for a local warp.
+    is global (no window); mask the result yourself for a local warp. ``points`` (B, N, 2): pixel
+    (x, y) of an image of ``height`` x ``width`` where alone the grid is wanted, given as (B, 1, N, 2):
+    each point gets the very values it has in the whole grid (see :func:`_tps_eval`).
     """
-    pts = _pixel_grid(height, width, src_pts.device).expand(src_pts.shape[0], -1, -1)
+    pts = _pixel_grid(height, width, src_pts.device).expand(src_pts.shape[0], -1, -1) if points is None else points
     src = _tps_eval(_tps_fit(dst_pts, src_pts), dst_pts, pts)
     grid = (2 * src + 1) / torch.tensor([width, height], device=src.device) - 1
-    return grid.reshape(-1, height, width, 2)
+    return grid.reshape(-1, height, width, 2) if points is None else grid[:, None]
 
 
 def _xy(x: float, y: float, device: torch.device) -> torch.Tensor:
@@ -251,10 +253,14 @@ def _pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """U(|a_i - b_j|) = r^2 log r = d2 log(d2) / 2 as (B, N, K), built per axis to save memory."""
-    d2 = (a[..., None, 0] - b[:, None, :, 0]).square_()
-    d2 += (a[..., None, 1] - b[:, None, :, 1]).square_()
-    return d2.clamp_min(1e-20).log_().mul_(d2).mul_(0.5)
+    """U(|a_i - b_j|) = r^2 log r = d2 log(d2) / 2 as (B, N, K), built per axis to save memory.
+
+    Computed as (B, K, N) and returned transposed: each operation then runs along the N points,
+    not along the K (25) control points, which vectorises (a third faster on a CPU; the same values)."""
+    at = a.transpose(1, 2).contiguous()  # (B, 2, N)
+    d2 = (at[:, None, 0] - b[..., 0, None]).square_()
+    d2 += (at[:, None, 1] - b[..., 1, None]).square_()
+    return d2.clamp_min(1e-20).log_().mul_(d2).mul_(0.5).transpose(1, 2)
 
 
 def _tps_fit(ctrl: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -276,10 +282,13 @@ def _tps_fit(ctrl: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _tps_eval(coef: torch.Tensor, ctrl: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    """Evaluate the fitted spline at ``pts`` (B, N, 2) in float32."""
+    """Evaluate the fitted spline at ``pts`` (B, N, 2) in float32. Each point's value depends on that
+    point alone, so a subset of points gets the very values of the whole set: the coefficients are
+    made row-major (the solver's are column-major, and MKL's product with those rounds a row
+    by its position among the points)."""
     unit = _unit(ctrl)
     c, q = (ctrl / unit).float(), (pts / unit).float()
-    coef = coef.float()
+    coef = coef.float().contiguous()
     k = c.shape[1]
     affine = coef[:, k][:, None] + q @ coef[:, k + 1:]
     return torch.baddbmm(affine, _tps_kernel(q, c), coef[:, :k])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,24 @@ def test_tps_warp_grid_reproduces_identity_and_translation() -> None:
     grid = tps_warp_grid(src, src + torch.tensor([3.0, 2.0]), h, w)
     moved = F.grid_sample(x, grid, align_corners=False)
     assert torch.allclose(moved[..., 2:, 3:], x[..., :-2, :-3], atol=1e-4)  # src content is at dst
+
+
+def test_tps_warp_grid_at_some_points_gives_the_whole_grids_values_there() -> None:
+    """The local anomaly's TPS evaluates its spline only at the region's pixels: each must get the
+    value the whole grid has there, bit for bit, whatever the subset (the solver's column-major
+    coefficients made MKL's product round a point by its position among the points)."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(5, 160, 2))
+        t = np.linspace(0, 1, 5)
+        gy, gx = np.meshgrid(t, t, indexing="ij")
+        src = np.stack([gx * (w - 1), gy * (h - 1)], -1).reshape(-1, 2)
+        dst = src + rng.uniform(-0.1, 0.1, src.shape) * (w, h)
+        s, d = torch.from_numpy(src).float()[None], torch.from_numpy(dst).float()[None]
+        ys, xs = np.nonzero(rng.random((h, w)) < rng.uniform(0.05, 0.95))
+        some = tps_warp_grid(s, d, h, w, torch.from_numpy(np.stack([xs, ys], -1)).float()[None])
+        assert some.shape == (1, 1, len(xs), 2)
+        assert torch.equal(some[0, 0], tps_warp_grid(s, d, h, w)[0, ys, xs])
 
 
 # The dense path (default on CUDA) against the windowed one (default on the CPU): same numbers up to

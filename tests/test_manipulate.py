@@ -93,6 +93,38 @@ def test_tps_moves_content_only_inside_the_region():
         assert out[k].min() >= t[k].min() - 1e-5 and out[k].max() <= t[k].max() + 1e-5  # moved, not invented
 
 
+def test_tps_is_the_whole_box_warp_inside_an_irregular_region():
+    """Evaluated at the region's pixels only, the TPS gives the values of the box's whole warp
+    (its grid sampled everywhere in the box, then kept inside the region), bit for bit."""
+    import torch.nn.functional as F
+
+    from hybrid.augment import tps_warp_grid
+
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    t = {"edge": (torch.sin(xx * 0.9) * torch.cos(yy * 0.7))[None].float(), "depth": (xx / W * 2 - 1)[None].float()}
+    cfg = ManipulateConfig(tps_shift=0.12)
+    for seed in range(5):
+        region = torch.from_numpy(np.random.default_rng(seed).random((1, H, W)) < 0.5)
+        region[:, :3] = False  # a box smaller than the image
+        out = tps(t, t, region, np.random.default_rng(seed), cfg)
+        rng = np.random.default_rng(seed)  # tps's draws, repeated: the box and its lattice
+        ys, xs = np.nonzero(region[0].numpy())
+        x0, x1, y0, y1 = max(xs.min() - 2, 0), min(xs.max() + 2, W - 1), max(ys.min() - 2, 0), min(ys.max() + 2, H - 1)
+        g = np.linspace(0.0, 1.0, 5)
+        gy, gx = np.meshgrid(g, g, indexing="ij")
+        src = np.stack([gx * (x1 - x0), gy * (y1 - y0)], -1).reshape(-1, 2)
+        inner = ((gx > 0) & (gx < 1) & (gy > 0) & (gy < 1)).ravel()
+        dst = src.copy()
+        dst[inner] += rng.uniform(-cfg.tps_shift, cfg.tps_shift, (int(inner.sum()), 2)) * (x1 - x0, y1 - y0)
+        grid = tps_warp_grid(torch.from_numpy(src).float()[None], torch.from_numpy(dst).float()[None],
+                             y1 - y0 + 1, x1 - x0 + 1)
+        for k, v in t.items():
+            whole = v.clone()
+            whole[:, y0:y1 + 1, x0:x1 + 1] = F.grid_sample(v[None, :, y0:y1 + 1, x0:x1 + 1], grid, mode="bilinear",
+                                                            padding_mode="border", align_corners=False)[0]
+            assert torch.equal(out[k], torch.where(region, whole, v))
+
+
 @pytest.mark.parametrize("mode", ["depth", "color"])
 def test_object_aware_regions_fall_inside_the_foreground(mode):
     cfg = ManipulateConfig(object_aware=1.0, foreground=mode, area=(0.02, 0.08), regions=(1, 3))
