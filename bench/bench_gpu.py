@@ -47,6 +47,7 @@ import multiprocessing as mp
 import os
 import pstats
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -586,13 +587,14 @@ def main() -> None:
             return scaling(work, args.scaling, a)
         t = time.perf_counter()
         a["manifest"] = str(make_data(work / "data", n, a["size"]))
+        os.sync()  # its writeback beside the stages slowed their writes (shard writer: 1.26 ms/img of CPU, not 0.4)
         print(f"synthetic data: {n} PNG + xyz TIFF at {a['size']} px in {time.perf_counter() - t:.1f} s", flush=True)
         a["pairs"] = n // 2  # one AHD and one AHE image per pair: as many generated images as inputs
         a["index"] = str(work / "shards" / "index.parquet")
         print("\n| stage | images | wall s | img/s | steady img/s | main ms/img | host ms/img | peak MiB | "
               "model alone (same batch) |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         if "preprocess" in args.stages:
-            r = in_child(stage_preprocess, {**a, "out": str(work / "shards")})
+            r = in_child(stage_preprocess, {**a, "out": fresh(work / "shards")})
             models = [] if args.no_models else [in_child(model_edges, a)]
             if a["depth"].startswith("depth_anything") and not args.no_models:
                 models.append(in_child(model_depth, a))
@@ -601,25 +603,31 @@ def main() -> None:
                 print(f"| | | | | | | | | {m['what']}: {_fmt(m['img_s'])} img/s, {_fmt(m['peak'], 0)} MiB |")
         a["checkpoint"] = str(work / "train" / "checkpoint")
         if "train" in args.stages:
-            r = in_child(stage_train, {**a, "out": str(work / "train")})
+            r = in_child(stage_train, {**a, "out": fresh(work / "train")})
             print(row("train", r, None if args.no_models else in_child(model_train, a)), flush=True)
         elif not Path(a["checkpoint"]).exists():
             random_checkpoint(Path(a["checkpoint"]), a["model"])
         if "generate" in args.stages:
-            r = in_child(stage_generate, {**a, "out": str(work / "generated")})
+            r = in_child(stage_generate, {**a, "out": fresh(work / "generated")})
             print(row("generate", r, None if args.no_models else in_child(model_generator, a)), flush=True)
         if "evaluate" in args.stages:
-            r = in_child(stage_evaluate, {**a, "generated": str(work / "generated"), "out": str(work / "metrics")})
+            r = in_child(stage_evaluate, {**a, "generated": str(work / "generated"), "out": fresh(work / "metrics")})
             print(row("evaluate", r, None if args.no_models else in_child(model_inception, a)), flush=True)
         if args.profile:
-            p = {**a, "threads": 1, "gen_workers": 0, "profile": True, "out": str(work / "generated-profile")}
-            plain = in_child(stage_generate, {**p, "profile": False, "out": str(work / "generated-plain")})
+            p = {**a, "threads": 1, "gen_workers": 0, "profile": True, "out": fresh(work / "generated-profile")}
+            plain = in_child(stage_generate, {**p, "profile": False, "out": fresh(work / "generated-plain")})
             print(f"\ngenerate, one thread, no workers: host {plain['host_ms']:.2f} ms/img (CPU outside the "
                   f"generator's forward), {_fmt(plain['steady_main_ms'], 2)} ms/img from the first to the last "
                   f"batch (start-up, manifest and sheets left out), {plain['img_s']:.1f} img/s; of the host "
                   f"time, {plain['other_threads_ms']:.2f} ms/img on threads other than the loop's (the shard "
                   f"writer's, and any library's thread pool: a spinning pool shows here)")
             print(in_child(stage_generate, p)["profile"])
+
+
+def fresh(out: Path) -> str:
+    """``out`` emptied: a stage measured on a kept folder (``--keep``) must run whole, not resume."""
+    shutil.rmtree(out, ignore_errors=True)
+    return str(out)
 
 
 def scaling(work: Path, sizes: list[int], a: dict) -> None:
@@ -631,8 +639,8 @@ def scaling(work: Path, sizes: list[int], a: dict) -> None:
         manifest = make_data(data, n, a["size"])
         b = {**a, "manifest": str(manifest), "index": str(data / "shards" / "index.parquet"), "pairs": n // 2,
              "checkpoint": str(ckpt)}
-        p = in_child(stage_preprocess, {**b, "out": str(data / "shards")})
-        g = in_child(stage_generate, {**b, "out": str(data / "generated")})
+        p = in_child(stage_preprocess, {**b, "out": fresh(data / "shards")})
+        g = in_child(stage_generate, {**b, "out": fresh(data / "generated")})
         print(f"| {n:,} | {p['img_s']:.1f} | {p['peak']:,.0f} | {g['img_s']:.1f} | {g['peak']:,.0f} |", flush=True)
 
 
