@@ -560,7 +560,8 @@ def main() -> None:
     ap.add_argument("--no-models", action="store_true", help="skip the models-alone figures")
     ap.add_argument("--profile", action="store_true", help="cProfile the generate stage's host side")
     ap.add_argument("--scaling", type=int, nargs="+", help="peak memory of preprocess and generate at these sizes")
-    ap.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one); "
+                    "a stage that runs starts from an emptied output folder; those of the others are kept")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     a = {
