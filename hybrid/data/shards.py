@@ -155,7 +155,7 @@ def _raw_access(f: h5py.File, a: h5py.Dataset, dtype: np.dtype) -> tuple[int, in
         return None
     plist = a.id.get_create_plist()
     layout = plist.get_layout()
-    if layout == h5py.h5d.CONTIGUOUS and f.driver == "sec2":
+    if layout == h5py.h5d.CONTIGUOUS and f.driver == "sec2" and hasattr(os, "preadv"):  # not on Windows
         offset = a.id.get_offset()  # None: never written
         return None if offset is None else (f.id.get_vfd_handle(), offset)
     if layout == h5py.h5d.CHUNKED and a.chunks == (1, *a.shape[1:]) and plist.get_nfilters() == 0:
