@@ -145,6 +145,21 @@ def test_a_shard_written_now_is_read_back_by_pread_and_a_cut_file_is_a_clear_err
     ds.close()
 
 
+def test_the_reserved_space_bounds_the_whole_shard(tmp_path):
+    """The reservation (``_size_bound``) holds the whole file, string columns and their heap
+    included, so a full disk shows when the shard is begun, not midway."""
+    from hybrid.data.shards import _size_bound
+
+    n = 6000  # enough strings that their heap outgrows the bound's 1 MiB of slack
+    arrays = {"image": np.zeros((n, 2, 2, 3), np.uint8), "depth": np.zeros((n, 2, 2), np.uint16)}
+    strings = {k: [f"{k}-{'x' * (i % 40)}-{i}" for i in range(n)] for k in ("sample_id", "pair_id", "reference_id",
+                                                                          "target_id", "decoder", "manipulation")}
+    attrs = {"fingerprint": "f" * 64, "resolution": 4}
+    write_shard(tmp_path / "s.h5", arrays, strings, attrs)
+    bound = _size_bound(n, {k: (a.shape[1:], a.dtype) for k, a in arrays.items()}, strings, attrs)
+    assert os.path.getsize(tmp_path / "s.h5") <= bound
+
+
 def test_todo_removes_the_temporary_files_a_killed_run_left(tmp_path):
     from hybrid.data.shards import ShardSet
 

@@ -172,12 +172,12 @@ def _no_cache() -> h5py.h5p.PropDAID:
 
 def _size_bound(n: int, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 strings: Mapping[str, Sequence[str]], attrs: Mapping[str, object]) -> int:
-    """More than the bytes a shard takes: the arrays, HDF5's index (under 100 bytes per chunk,
-    measured), the strings with their heap records, the attributes, 1 MiB for the rest."""
+    """More than the bytes a shard takes: the contiguous arrays (no chunk index), the strings with
+    their heap records, the attributes, 1 MiB for the rest. (A generated shard of 1,024 rows at
+    256 px: 0.5 MB beyond its arrays, against a bound of 4.1 MB beyond them.)"""
     text = sum(len(str(v).encode()) + 32 for values in strings.values() for v in values)
     data = sum(n * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
-    return data + 256 * n * (len(arrays) + len(strings)) + text + sum(len(str(v)) + 256 for v in attrs.values()) + (
-        1 << 20)
+    return data + 256 * n * len(strings) + text + sum(len(str(v)) + 256 for v in attrs.values()) + (1 << 20)
 
 
 _KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE
