@@ -50,21 +50,21 @@ class MapComputer:
 
             self.depth = load_depth_anything(self.paths.get(depth_source, depth_source), device)
 
-    def _depth(self, batch: torch.Tensor) -> np.ndarray:
+    def _depth(self, batch: torch.Tensor) -> torch.Tensor:
+        """Depth on the model's device (encoded there by :func:`to_uint16`)."""
         from hybrid.models.depth import predict_depth
 
-        return predict_depth(self.depth, batch, precision=self.depth_precision).cpu().numpy()
+        return predict_depth(self.depth, batch, precision=self.depth_precision, on_device=True)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Maps of images at the size they are given, encoded for the shards."""
-        out: dict[str, np.ndarray] = {}
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        on_device: dict[str, torch.Tensor] = {}  # both networks queued before either result is waited for
         if self.edge is not None:
-            e = self.edge(batch).float().clamp(0, 1)
-            out["edge"] = (e * 255).round().to(torch.uint8).cpu().numpy()
+            on_device["edge"] = (self.edge(batch).float().clamp(0, 1) * 255).round().to(torch.uint8)
         if self.depth is not None:
-            out["depth"] = to_uint16(self._depth(batch))
-        return out
+            on_device["depth"] = self._depth(batch)
+        return {name: to_uint16(x) if name == "depth" else x.cpu().numpy() for name, x in on_device.items()}
 
     def at_original(self, images: np.ndarray, size: int, how: str) -> dict[str, np.ndarray]:
         """Maps of same-size originals (B, H, W, 3), computed at that size, then fitted to ``size``
@@ -76,7 +76,7 @@ class MapComputer:
             e = np.stack([fit(m, size, how) for m in e]).clip(0, 1)
             out["edge"] = np.round(e * np.float32(255)).astype(np.uint8)
         if self.depth is not None:
-            out["depth"] = to_uint16(np.stack([fit(m, size, how) for m in self._depth(batch)]))
+            out["depth"] = to_uint16(np.stack([fit(m, size, how) for m in self._depth(batch).cpu().numpy()]))
         return out
 
     def weight_source(self, name: str) -> str:

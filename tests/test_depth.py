@@ -172,8 +172,28 @@ def test_to_uint16_constant_image_is_zeros_and_nan_is_refused():
     d = np.stack([np.full((4, 4), 3.5), np.arange(16.0).reshape(4, 4)])
     u = to_uint16(d)
     assert (u[0] == 0).all() and u[1].max() == 65535
-    with pytest.raises(ValueError, match="NaN"):
-        to_uint16(np.array([[1.0, np.nan], [2.0, 3.0]]))
+    np.testing.assert_array_equal(to_uint16(torch.from_numpy(d)), u)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN"):
+            to_uint16(np.array([[1.0, bad], [2.0, 3.0]]))
+        with pytest.raises(ValueError, match="NaN"):
+            to_uint16(torch.tensor([[1.0, bad], [2.0, 3.0]]))
+
+
+def test_a_tensor_is_encoded_where_it_is_to_the_very_levels_of_the_numpy_path():
+    """Depth from a model is encoded on its device (no float maps through the host); the levels
+    are those of the float64 numpy formula, half-way cases rounded to even as np.rint does."""
+    rng = np.random.default_rng(0)
+    scale = 10.0 ** rng.uniform(-4, 4, (24, 1, 1))
+    d = (rng.standard_normal((24, 64, 64)) * scale + rng.uniform(-50, 50, (24, 1, 1))).astype(np.float32)
+    d[5] = 2.0  # constant: zeros
+    d[6] = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) % 3  # levels 0, 0.5 and 1: a tie at 32767.5
+    want = to_uint16(d)
+    assert (want[6] == 32768).any()  # rint(0.5 * 65535) = 32768 (to even)
+    got = to_uint16(torch.from_numpy(d))
+    assert got.dtype == np.uint16 and got.shape == d.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(to_uint16(torch.from_numpy(d[0])), want[0])  # one (H, W) map
 
 
 # ----------------------------------------------------------------------------- sensor depth

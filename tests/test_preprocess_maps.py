@@ -176,6 +176,31 @@ def test_original_equals_working_when_the_images_are_already_working_size(tmp_pa
         np.testing.assert_array_equal(orig[k], work[k], err_msg=k)
 
 
+def test_working_size_maps_are_the_networks_outputs_encoded_as_the_shards_store_them(tmp_path, tiny_weights):
+    """Both networks run on the device before either result comes back, and depth is encoded
+    there: the shards hold the very levels of each network's output encoded on the host."""
+    import torch
+
+    from hybrid.models.depth import load_depth_anything, predict_depth
+    from hybrid.models.edges import make_edge_detector
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    m = _folder_manifest(paths)
+    preprocess(m, tmp_path / "out", _cfg(edge_model="pidinet_tiny", depth_source="depth_anything_small",
+                                         paths=tiny_weights, batch_size=8, shard_size=8))  # one batch
+    got = _shards(tmp_path / "out")
+    batch = torch.from_numpy(got["image"])
+    edge = make_edge_detector("pidinet_tiny", torch.device("cpu"), tiny_weights["pidinet_tiny"], precision="fp32")
+    e = edge(batch).float().clamp(0, 1).numpy()
+    np.testing.assert_array_equal(got["edge"], np.round(e * np.float32(255)).astype(np.uint8))
+    depth = predict_depth(load_depth_anything(tiny_weights["depth_anything_small"]), batch)
+    np.testing.assert_array_equal(got["depth"], to_uint16(depth.numpy()))
+
+
 def test_maps_at_is_recorded_and_changing_it_rewrites_the_shards(tmp_path):
     m = _folder_manifest(_mixed_sizes(tmp_path)[:4])
     out = tmp_path / "out"

@@ -121,9 +121,11 @@ def predict_depth(
     images: torch.Tensor,
     out_size: tuple[int, int] | None = None,
     precision: str = "fp32",
+    on_device: bool = False,
 ) -> torch.Tensor:
-    """Relative depth (larger = nearer), float32 (B,H,W) on the CPU, at ``out_size`` (default:
-    the input size), resized back with bicubic interpolation as ``post_process_depth_estimation``.
+    """Relative depth (larger = nearer), float32 (B,H,W) on the CPU (``on_device``: left on the
+    model's device), at ``out_size`` (default: the input size), resized back with bicubic
+    interpolation as ``post_process_depth_estimation``.
 
     ``images``: uint8 RGB (B,H,W,3) or (B,3,H,W); all images of a batch share one size (group
     by size before calling). ``precision``: fp32, or bf16/fp16 autocast on the model's device.
@@ -135,8 +137,8 @@ def predict_depth(
     size = tuple(out_size) if out_size is not None else tuple(_channels_first(images).shape[-2:])
     with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
         depth = model(pixel_values=x).predicted_depth
-    depth = F.interpolate(depth.float().unsqueeze(1), size=size, mode="bicubic", align_corners=False)
-    return depth.squeeze(1).cpu()
+    depth = F.interpolate(depth.float().unsqueeze(1), size=size, mode="bicubic", align_corners=False).squeeze(1)
+    return depth if on_device else depth.cpu()
 
 
 # ----------------------------------------------------------------------------- shard encoding
@@ -145,10 +147,12 @@ def predict_depth(
 def to_uint16(depth: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-image min-max of (...,H,W) nearness to uint16 0..65535 (larger = nearer).
 
-    A constant image becomes all zeros. Non-finite values are refused.
+    A constant image becomes all zeros. Non-finite values are refused. A tensor is encoded where
+    it is, by the same float64 operations (IEEE, so the very same values), and only the levels
+    come back: on a GPU the host does not spend about 0.8 ms per 256 px map on it.
     """
     if isinstance(depth, torch.Tensor):
-        depth = depth.detach().float().cpu().numpy()
+        return _to_uint16_torch(depth.detach())
     d = np.asarray(depth, dtype=np.float64)
     if d.ndim < 2:
         raise ValueError(f"depth must have shape (...,H,W), got {d.shape}")
@@ -158,6 +162,20 @@ def to_uint16(depth: np.ndarray | torch.Tensor) -> np.ndarray:
     span = d.max(axis=(-2, -1), keepdims=True) - lo
     scaled = np.where(span > 0, (d - lo) / np.where(span > 0, span, 1.0), 0.0)
     return np.rint(scaled * 65535).astype(np.uint16)
+
+
+def _to_uint16_torch(depth: torch.Tensor) -> np.ndarray:
+    """:func:`to_uint16` of a tensor, computed on its device (torch's ``round`` is ``rint``)."""
+    if depth.ndim < 2:
+        raise ValueError(f"depth must have shape (...,H,W), got {tuple(depth.shape)}")
+    d = depth.to(torch.float64)
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("depth has NaN or inf values; fill missing pixels first (fill_missing)")
+    lo = d.amin(dim=(-2, -1), keepdim=True)
+    span = d.amax(dim=(-2, -1), keepdim=True) - lo
+    varies = span > 0
+    scaled = torch.where(varies, (d - lo) / torch.where(varies, span, 1.0), 0.0)
+    return torch.round(scaled * 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- sensor depth
