@@ -1,7 +1,7 @@
 """Every stage end to end next to its model alone: where the time between model and stage goes.
 
     python bench/bench_gpu.py --device cpu --threads 1          # demo model, 96 images at 64 px (~2 min)
-    python bench/bench_gpu.py --device cuda --precision bf16    # paper size: 2048 images at 256 px (~5 min)
+    python bench/bench_gpu.py --device cuda --precision bf16    # paper size: 2048 1024 px JPEGs, 256 px (~5 min)
     python bench/bench_gpu.py --device cpu --threads 1 --size 256 --model tiny --edge canny \
         --images 256 --stages preprocess generate --profile    # the generate stage's host side
     python bench/bench_gpu.py --device cpu --threads 1 --edge canny --scaling 1000 10000  # memory vs data
@@ -10,9 +10,11 @@ On a CPU shared with other processes use ``--threads 1``: with every core busy, 
 threads wait for each other and elementwise work can take many times longer.
 
 Builds a synthetic data set first: N images (an object on a textured table, with its height map)
-written as PNGs and MVTec-3D-style xyz TIFFs, read back by the ``folder`` layout reader into a
-manifest. Then runs each stage's real code path, each in a fresh process so that its peak memory
-is its own: preprocess (:func:`hybrid.stages.preprocess.run`), train
+of ``--source-size`` pixels, written as PNGs or as JPEGs (on a GPU by default 1024 x 1024 JPEGs,
+the issue's preprocess setting, decoded at reduced size), plus MVTec-3D-style xyz TIFFs where the
+depth source is the data set's, read back by the ``folder`` layout reader into a manifest. Then
+runs each stage's real code path, each in a fresh process so that its peak memory is its own:
+preprocess (:func:`hybrid.stages.preprocess.run`), train
 (:func:`hybrid.stages.train.run` for ``--train-steps`` steps), generate
 (:func:`hybrid.stages.generate.run` from the trained checkpoint) and evaluate
 (:func:`hybrid.stages.evaluate.run`). Beside each stage: its model alone on the same batch (PiDiNet
@@ -82,9 +84,11 @@ def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     return np.clip(rgb, 0, 255).astype(np.uint8), (0.3 - height).astype(np.float32)
 
 
-def make_data(root: Path, n: int, size: int, seed: int = 0):
-    """``n`` normal PNGs, ``max(4, n // 16)`` anomalies with masks, and an xyz TIFF per image under
-    ``root``; returns the manifest path (the ``folder`` layout reader's rows plus depth_path)."""
+def make_data(root: Path, n: int, size: int, seed: int = 0, fmt: str = "png", xyz: bool = True):
+    """``n`` normal images of ``size`` x ``size`` pixels (``fmt``: png, or jpg at quality 92 as a
+    camera writes them), ``max(4, n // 16)`` anomalies with PNG masks, and with ``xyz`` an xyz TIFF
+    per image under ``root``; returns the manifest path (the ``folder`` layout reader's rows, plus
+    depth_path with ``xyz``)."""
     import cv2
     import pandas as pd
 
@@ -93,6 +97,9 @@ def make_data(root: Path, n: int, size: int, seed: int = 0):
     from hybrid.data.xyz import write_xyz
     from hybrid.io import write_parquet_atomic
 
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"--source-format {fmt!r}: png or jpg")
+    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if fmt == "jpg" else []
     for sub in ("normal", "abnormal/blob", "masks/blob", "xyz"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     n_bad = max(4, n // 16)
@@ -109,16 +116,18 @@ def make_data(root: Path, n: int, size: int, seed: int = 0):
             if not cv2.imwrite(str(root / "masks/blob" / f"{name}_mask.png"), mask):
                 raise OSError(f"could not write {root / 'masks'}")
         folder = root / ("normal" if i < n else "abnormal/blob")
-        if not cv2.imwrite(str(folder / f"{name}.png"), rgb[..., ::-1]):
+        if not cv2.imwrite(str(folder / f"{name}.{fmt}"), rgb[..., ::-1], params):
             raise OSError(f"could not write {folder}")
-        write_xyz(root / "xyz" / f"{name}.tiff", xyz_from_z(z))
+        if xyz:
+            write_xyz(root / "xyz" / f"{name}.tiff", xyz_from_z(z))
 
     with cf.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(one, range(n + n_bad)))
     df = read_dataset("folder", {"normal_dir": root / "normal", "abnormal_dir": root / "abnormal",
                                  "mask_dir": root / "masks"})
-    df["depth_path"] = pd.Series([str(root / "xyz" / f"{Path(p).stem}.tiff") for p in df["image_path"]],
-                                 index=df.index, dtype="string")
+    if xyz:
+        df["depth_path"] = pd.Series([str(root / "xyz" / f"{Path(p).stem}.tiff") for p in df["image_path"]],
+                                     index=df.index, dtype="string")
     path = root / "manifest.parquet"
     write_parquet_atomic(df, path)
     return path
@@ -542,6 +551,9 @@ def main() -> None:
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--images", type=int, default=None, help="synthetic images (default: 2048 cuda, 96 cpu)")
     ap.add_argument("--size", type=int, default=None, help="working resolution (default: 256 cuda, 64 cpu)")
+    ap.add_argument("--source-size", type=int, default=None, help="the synthetic photos' side in pixels, "
+                    "decoded and resized to --size by preprocess (default: 1024 cuda, --size cpu)")
+    ap.add_argument("--source-format", choices=["jpg", "png"], default=None, help="default: jpg cuda, png cpu")
     ap.add_argument("--model", choices=list(MODELS), default=None, help="default: paper on cuda, demo on cpu")
     ap.add_argument("--edge", default=None, help="edge model (default: pidinet, random weights)")
     ap.add_argument("--depth", default=None, help="depth source (default: depth_anything_small on cuda, the "
@@ -577,6 +589,9 @@ def main() -> None:
         "shard_size": 1024, "log_every": 50, "centres": 8,
     }
     n = args.images or (2048 if cuda else 96)
+    source = args.source_size or (1024 if cuda else a["size"])
+    fmt = args.source_format or ("jpg" if cuda else "png")
+    xyz = a["depth"] == "dataset"  # sensor depth files only where they are the depth source
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)
@@ -587,9 +602,10 @@ def main() -> None:
         if args.scaling:
             return scaling(work, args.scaling, a)
         t = time.perf_counter()
-        a["manifest"] = str(make_data(work / "data", n, a["size"]))
+        a["manifest"] = str(make_data(work / "data", n, source, fmt=fmt, xyz=xyz))
         os.sync()  # its writeback beside the stages slowed their writes (shard writer: 1.26 ms/img of CPU, not 0.4)
-        print(f"synthetic data: {n} PNG + xyz TIFF at {a['size']} px in {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"synthetic data: {n} {fmt.upper()}{' + xyz TIFF' if xyz else ''} at {source} x {source} px in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
         a["pairs"] = n // 2  # one AHD and one AHE image per pair: as many generated images as inputs
         a["index"] = str(work / "shards" / "index.parquet")
         print("\n| stage | images | wall s | img/s | steady img/s | main ms/img | host ms/img | peak MiB | "
