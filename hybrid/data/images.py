@@ -128,6 +128,8 @@ def decode(path: str | Path, size: int | None = None, max_pixels: int = 200_000_
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     if img.dtype != np.uint8:
         img = (img.astype(np.float32) * (255.0 / np.iinfo(img.dtype).max)).round().astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 3:  # the same bytes as numpy's reversed copy, about 15x faster
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img[..., ::-1])
 
 

@@ -145,7 +145,7 @@ class _Decoded(Dataset):
 
     def __init__(self, rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool,
                  store_sensor: bool = False) -> None:
-        self.rows = rows.reset_index(drop=True)
+        self.rows = rows.to_dict("records")  # a row by position: pandas' iloc took about 0.09 ms per item
         self.cfg = cfg
         self.sensor_depth = sensor_depth
         self.store_sensor = store_sensor
@@ -154,7 +154,7 @@ class _Decoded(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        r = self.rows.iloc[i]
+        r = self.rows[i]
         c = self.cfg
         out: dict = {"sample_id": r["sample_id"], "error": None, "path": r["image_path"]}
         try:
