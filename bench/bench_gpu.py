@@ -356,15 +356,21 @@ def stage_generate(a: dict) -> dict:
         "local": {"count": pairs - pairs // 2, "pairing": "random"}, "select": {"split": "train"},
         "batch_size": a["gen_batch"], "workers": a["gen_workers"], "device": a["device"],
         "precision": a["precision"] if a["device"] != "cpu" else "auto", "shard_size": a["shard_size"],
-        "sheet_rows": 2, **({"chunks": 1} if "chunks" in gen.GenerateConfig.__dataclass_fields__ else {})})
+        "sheet_rows": 2, "compile": a["compile"]})
     meter = Meter(a["device"])
-    real_init = pipeline.HybridPipeline.__init__
+    real_init, real_compile = pipeline.HybridPipeline.__init__, pipeline.HybridPipeline.compile
 
     def init(self, *args, **kw):  # the generator's forward is the model time
         real_init(self, *args, **kw)
+        if not a["compile"]:
+            self.generator.forward = meter.wrap(self.generator.forward)
+
+    def compile(self):  # compiled: the compiled module's call (compiling included) is the model time
+        real_compile(self)
         self.generator.forward = meter.wrap(self.generator.forward)
 
     pipeline.HybridPipeline.__init__ = init
+    pipeline.HybridPipeline.compile = compile
     real_encode = pipeline.HybridPipeline.encode  # the stage's per-batch call
 
     def encode(self, batch):
@@ -492,13 +498,15 @@ def model_generator(a: dict) -> dict:
     import torch
 
     from hybrid.models.generator import Generator
+    from hybrid.pipeline import memory_format
 
     _threads(a["threads"])
     dev = torch.device(a["device"])
     cuda = dev.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = memory_format(dev, a["compile"])  # as the stage: NCHW eager, channels_last compiled on a GPU
     torch.manual_seed(0)
     G = Generator(**a["model"]).to(dev, memory_format=fmt).eval()
+    G = torch.compile(G) if a["compile"] else G  # compiled in _timed's warm-up call
     x = torch.rand(a["gen_batch"], G.in_channels, a["size"], a["size"], device=dev).contiguous(memory_format=fmt)
 
     @torch.inference_mode()
@@ -567,7 +575,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (preprocess, train)")
     ap.add_argument("--gen-workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    ap.add_argument("--compile", action="store_true", help="train.compile: true")
+    ap.add_argument("--compile", action="store_true", help="train.compile and generate.compile: true (the "
+                    "models alone compiled too)")
     ap.add_argument("--stages", nargs="+", default=["preprocess", "train", "generate", "evaluate"])
     ap.add_argument("--no-models", action="store_true", help="skip the models-alone figures")
     ap.add_argument("--profile", action="store_true", help="cProfile the generate stage's host side")

@@ -58,12 +58,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def memory_format(device: torch.device, compiled: bool = False) -> torch.memory_format:
+    """The generator's memory format for inference: NCHW, except channels_last under torch.compile
+    on a GPU. Measured on one H200, paper-size generator, batch 64, bf16: eager 1,535 img/s NCHW
+    against 1,300 channels_last; compiled channels_last 3,457."""
+    return torch.channels_last if compiled and device.type == "cuda" else torch.contiguous_format
+
+
+def _weights_format(G: torch.nn.Module) -> torch.memory_format:
+    """The memory format G's convolution weights are in (its inputs are given the same)."""
+    w = next((p for p in G.parameters() if p.ndim == 4 and p.shape[1] * p.shape[2] * p.shape[3] > 1), None)
+    if w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def load_generator(checkpoint: str | Path, device: torch.device, level: str = "rgb") -> Generator:
     """The checkpoint's generator of ``level`` (rgb or depth) on ``device``, in eval mode."""
     what = "generate's checkpoint" if level == "rgb" else "generate's depth-level checkpoint"
     G = Generator.from_pretrained(checkpoint, level=level, purpose=what)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return G.to(device, memory_format=fmt).eval()
+    return G.to(device, memory_format=memory_format(device)).eval()
 
 
 def conditions(reference: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], manipulation: str,
@@ -111,8 +125,7 @@ def _forward(G: Generator, batch: Mapping[str, torch.Tensor], precision: str) ->
     """G on its device over stacked named maps (+ ``feature_noise``), bf16 autocast if asked. Maps
     may come as stored (uint8 images): they are converted on the device."""
     device = next(G.parameters()).device
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = _inputs(G, batch, device, fmt)
+    x = _inputs(G, batch, device, _weights_format(G))
     noise = batch.get("feature_noise")
     noise = noise.to(device, non_blocking=True) if noise is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -260,7 +273,6 @@ def encode_batch(G: Generator, batch: Mapping[str, torch.Tensor], precision: str
     :func:`run_generator` (+ :func:`add_depth_level`) followed by :func:`to_uint8`: the same
     elementwise operations, on the device instead of the host."""
     device = next(G.parameters()).device
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     out = _forward(G, batch, precision)
     star_maps = None
     if G_star is not None:
@@ -271,7 +283,7 @@ def encode_batch(G: Generator, batch: Mapping[str, torch.Tensor], precision: str
         star = {}
         if G_star is not None:
             xs = G_star.inputs({"target_image": image, "reference_depth": star_maps["depth"],
-                                "reference_edge": star_maps["edge"]}).contiguous(memory_format=fmt)
+                                "reference_edge": star_maps["edge"]}).contiguous(memory_format=_weights_format(G_star))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 star = G_star(xs)
         enc = {"image": _as_uint8(image.add_(1).mul_(127.5).round_()).contiguous(),
@@ -370,11 +382,12 @@ class HybridPipeline:
                  precision: str = "auto", generator_star: Generator | None = None,
                  paths: Mapping[str, str] | None = None) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        fmt = memory_format(self.device)
         self.generator = generator.to(self.device, memory_format=fmt).eval()
         self.generator_star = None
         if generator_star is not None:
             self.generator_star = generator_star.to(self.device, memory_format=fmt).eval()
+        self._eager: tuple[Generator, Generator | None] | None = None  # the modules under torch.compile
         self.data = {**DEFAULT_DATA, **dict(data or {})}
         self.precision = resolve_precision(precision, self.device)
         self.paths = dict(paths or {})  # model-store name -> explicit weight path
@@ -469,8 +482,40 @@ class HybridPipeline:
         return out
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """The batched form (the generate stage): :func:`encode_batch` with this pipeline's models."""
-        return encode_batch(self.generator, batch, self.precision, self.generator_star)
+        """The batched form (the generate stage): :func:`encode_batch` with this pipeline's models.
+        Compiled (:meth:`compile`), a call that fails (a compiler error, at the first batch or at a
+        new batch size) is run again eagerly, and eagerly from then on, with a warning."""
+        try:
+            return encode_batch(self.generator, batch, self.precision, self.generator_star)
+        except Exception as e:  # noqa: BLE001 (any compiler failure: the eager call raises a real error again)
+            if self._eager is None:
+                raise
+            log.warning("generate.compile: torch.compile failed (%s: %s); generating eagerly instead",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.uncompile()
+            return encode_batch(self.generator, batch, self.precision, self.generator_star)
+
+    def compile(self) -> None:
+        """Run the generator (and AH*) through ``torch.compile`` (``generate.compile``), channels_last
+        on a GPU (:func:`memory_format`). Compiling happens at the first batch of each new shape;
+        outputs differ from eager ones by float rounding only."""
+        if self._eager is not None:
+            return
+        self._eager = (self.generator, self.generator_star)
+        fmt = memory_format(self.device, compiled=True)
+        self.generator = torch.compile(self.generator.to(memory_format=fmt))
+        if self.generator_star is not None:
+            self.generator_star = torch.compile(self.generator_star.to(memory_format=fmt))
+
+    def uncompile(self) -> None:
+        """Back to the eager modules, in the eager memory format."""
+        if self._eager is None:
+            return
+        fmt = memory_format(self.device)
+        G, star = self._eager
+        self.generator = G.to(memory_format=fmt)
+        self.generator_star = star.to(memory_format=fmt) if star is not None else None
+        self._eager = None
 
 
 def generate_one(checkpoint: str | Path, reference: str | Path, target: str | Path, out: str | Path,

@@ -26,7 +26,7 @@ from hybrid.pipeline import add_depth_level, load_generator, run_generator
 from hybrid.planning import plan_jobs
 from hybrid.stages.generate import _STRINGS, PairConditions, Samples
 from hybrid.stages.generate import run as generate
-from tests.test_generate import TINY, make_dataset, save_tiny_checkpoint, small_cfg
+from tests.test_generate import TINY, make_dataset, save_tiny_checkpoint, shard_arrays, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +213,56 @@ def test_pairs_are_manipulated_with_one_opencv_thread_and_the_callers_count_come
              small_cfg(kinds=["local"], workers=workers))
     assert cv2.getNumThreads() == callers_opencv_threads
     assert seen or workers  # with no worker the calls ran here
+
+
+# ----------------------------------------------------------------------------- generate.compile
+def test_compiled_generation_writes_the_eager_shards_up_to_float_rounding(tmp_path, caplog):
+    """generate.compile runs the generator and AH* through torch.compile (here inductor's CPU
+    kernels): the shards hold the same strings and attributes, and the same images, masks and AH*
+    maps up to float rounding, across batch sizes (the last batches are smaller)."""
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    star = save_tiny_checkpoint(tmp_path / "star", Generator(level="depth", **TINY), data={"depth_field": "depth"},
+                                seed=1)
+    generate(ckpt, index, manifest, tmp_path / "eager", small_cfg(batch_size=3, shard_size=8), depth_checkpoint=star)
+    with caplog.at_level("INFO"):
+        generate(ckpt, index, manifest, tmp_path / "compiled", small_cfg(batch_size=3, shard_size=8, compile=True),
+                 depth_checkpoint=star)
+    assert "runs through torch.compile" in caplog.text and "torch.compile failed" not in caplog.text
+    eager, compiled = shard_arrays(tmp_path / "eager"), shard_arrays(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and len(eager) > 1
+    for shard, arrays in eager.items():
+        assert arrays.keys() == compiled[shard].keys()
+        assert read_attrs(tmp_path / "eager" / shard) == read_attrs(tmp_path / "compiled" / shard)
+        for k, a in arrays.items():
+            b = compiled[shard][k]
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), k
+            if a.dtype.kind == "O":
+                assert a.tolist() == b.tolist(), k
+            else:  # a level of uint8 (uint16 AH* depth: a few of 65,535) where rounding tips over
+                tol = 8 if a.dtype == np.uint16 else 1
+                assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= tol, k
+
+
+def test_a_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Where torch.compile cannot build its kernels (no C++ compiler, an unsupported GPU), the call
+    fails at the first batch: the stage says so, generates eagerly, and writes the eager shards."""
+
+    class Broken:  # what torch.compile returns: the module's attributes, a call that fails
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    generate(ckpt, index, manifest, tmp_path / "eager", small_cfg())
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with caplog.at_level("WARNING"):
+        generate(ckpt, index, manifest, tmp_path / "fallback", small_cfg(compile=True))
+    assert "torch.compile failed (RuntimeError: no C++ compiler here); generating eagerly instead" in caplog.text
+    assert digests(tmp_path / "fallback") == digests(tmp_path / "eager")

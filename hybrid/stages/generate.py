@@ -79,6 +79,7 @@ class GenerateConfig:
     shard_size: int = 1024
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = choice(PRECISIONS, "auto")  # auto: bf16 autocast on cuda, fp32 on cpu
+    compile: bool = False  # torch.compile the generator (falls back to eager if compiling fails)
     sheet_rows: int = 4  # pairs per kind on each category's contact sheet
     feature_noise: float = 0.0  # std of the noise added to the encoded features (AnomalyFactory)
     chunks: int = 1  # the workflow's scatter: this many jobs, each writing a range of shards, then a gather
@@ -164,6 +165,9 @@ def _run(checkpoint: str | Path, index: str | Path, manifest: pd.DataFrame, out_
     samples = Samples(index_df, shard_dir, star_depth)
     if todo:
         pipe = HybridPipeline.from_pretrained(checkpoint, device, depth_checkpoint, cfg.precision)
+        if cfg.compile:
+            pipe.compile()
+            log.info("generate.compile: the generator runs through torch.compile (compiled at the first batch)")
         attrs = {k: v for k, v in read_attrs(shard_dir / index_df["shard"].iloc[0]).items()
                  if k in ("resolution", "fit", "edge_model", "depth_source")}
         attrs["checkpoint"] = str(checkpoint)
