@@ -569,7 +569,7 @@ def main() -> None:
     ap.add_argument("--perceptual", default=None, choices=["vgg19", "none"], help="default: vgg19 cuda, none cpu")
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--train-batch", type=int, default=None)
-    ap.add_argument("--gen-batch", type=int, default=None)
+    ap.add_argument("--gen-batch", type=int, default=None, help="default: 64 cuda (the issue's setting), 8 cpu")
     ap.add_argument("--pre-batch", type=int, default=16)
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (preprocess, train)")
@@ -591,7 +591,7 @@ def main() -> None:
         "edge": args.edge or "pidinet", "depth": args.depth or ("depth_anything_small" if cuda else "dataset"),
         "perceptual": args.perceptual or ("vgg19" if cuda else "none"), "ndf": 64 if cuda else 16,
         "train_steps": args.train_steps or (50 if cuda else 20), "train_batch": args.train_batch or (8 if cuda else 4),
-        "gen_batch": args.gen_batch or (32 if cuda else 8), "pre_batch": args.pre_batch, "eval_batch": args.eval_batch,
+        "gen_batch": args.gen_batch or (64 if cuda else 8), "pre_batch": args.pre_batch, "eval_batch": args.eval_batch,
         "workers": args.workers if args.workers is not None else (8 if cuda else 2),
         "gen_workers": args.gen_workers if args.gen_workers is not None else (8 if cuda else 0),
         "threads": args.threads or os.cpu_count() or 1, "compile": args.compile, "reps": 5 if cuda else 2,

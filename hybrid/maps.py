@@ -61,7 +61,7 @@ class MapComputer:
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         on_device: dict[str, torch.Tensor] = {}  # both networks queued before either result is waited for
         if self.edge is not None:
-            on_device["edge"] = (self.edge(batch).float().clamp(0, 1) * 255).round().to(torch.uint8)
+            on_device["edge"] = (self.edge(batch, on_device=True).float().clamp(0, 1) * 255).round().to(torch.uint8)
         if self.depth is not None:
             on_device["depth"] = self._depth(batch)
         return {name: to_uint16(x) if name == "depth" else x.cpu().numpy() for name, x in on_device.items()}

@@ -28,7 +28,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class EdgeDetector(Protocol):
     name: str
 
-    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor: ...
+    def __call__(self, images: torch.Tensor | np.ndarray, on_device: bool = False) -> torch.Tensor: ...
 
 
 def as_uint8_batch(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -55,11 +55,13 @@ class PiDiNetEdges:
         self.model = model.to(self.device).eval()
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | np.ndarray, on_device: bool = False) -> torch.Tensor:
+        """``on_device``: the map stays on the model's device (encoded there, not on the host)."""
         x = normalize_rgb(as_uint8_batch(images).to(self.device).permute(0, 3, 1, 2))
         with torch.autocast(self.device.type, dtype=_DTYPES[self.precision], enabled=self.precision != "fp32"):
             fused = self.model(x)[-1]
-        return fused[:, 0].float().clamp_(0, 1).cpu()
+        fused = fused[:, 0].float().clamp_(0, 1)
+        return fused if on_device else fused.cpu()
 
 
 class CannyEdges:
@@ -72,7 +74,8 @@ class CannyEdges:
             raise ValueError(f"Canny thresholds need 0 <= low <= high, got low={low}, high={high}")
         self.low, self.high = low, high
 
-    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | np.ndarray, on_device: bool = False) -> torch.Tensor:
+        """On the CPU whatever ``on_device`` says (OpenCV)."""
         batch = as_uint8_batch(images).cpu().numpy()
         maps = [cv2.Canny(cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY), self.low, self.high)
                 for im in batch]
