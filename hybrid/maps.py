@@ -10,13 +10,16 @@ Anything V2 nearness, min-max encoded per image to uint16 (B, H, W) (bf16 on CUD
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from hybrid.data.images import fit
 from hybrid.models.depth import to_uint16
+
+log = logging.getLogger(__name__)
 
 EDGE_MODELS = ("pidinet", "pidinet_small", "pidinet_tiny", "canny", "none")
 DEPTH_MODELS = ("depth_anything_small", "depth_anything_base", "depth_anything_large")
@@ -28,11 +31,11 @@ class MapComputer:
     ``edge_model``: a name of :data:`EDGE_MODELS` ("none": no edge map); ``depth_source``: a Depth
     Anything name (estimated here) or anything else (no depth map from images). ``paths``:
     store name -> explicit path. ``precision``: auto (edges fp32; depth bf16 on CUDA, fp32
-    elsewhere) | fp32 | bf16 | fp16, for both.
+    elsewhere) | fp32 | bf16 | fp16, for both. ``compile``: :meth:`compile` the networks.
     """
 
     def __init__(self, edge_model: str, depth_source: str, device: torch.device,
-                 paths: Mapping[str, str] | None = None, precision: str = "auto") -> None:
+                 paths: Mapping[str, str] | None = None, precision: str = "auto", compile: bool = False) -> None:
         from hybrid.models.edges import make_edge_detector
 
         self.edge_model, self.depth_source, self.device = edge_model, depth_source, device
@@ -49,6 +52,45 @@ class MapComputer:
             from hybrid.models.depth import load_depth_anything
 
             self.depth = load_depth_anything(self.paths.get(depth_source, depth_source), device)
+        self._eager: dict[str, object] | None = None  # what compile() replaced
+        self._rows: int | None = None  # compiled: the batch size smaller batches are padded to
+        if compile:
+            self.compile()
+
+    def compile(self) -> None:
+        """Run PiDiNet and Depth Anything through ``torch.compile`` (``preprocess.compile``): compiled
+        at the first batch of each new size; the maps differ from eager ones by float rounding only.
+        A call that fails is run again eagerly, and eagerly from then on, with a warning."""
+        if self._eager is not None:
+            return
+        self._eager = {}
+        if self.edge is not None and hasattr(self.edge, "model"):  # PiDiNet (Canny is OpenCV's)
+            self._eager["edge"] = (self.edge, self.edge.model)
+            self.edge.model = torch.compile(self.edge.model)
+        if self.depth is not None:
+            self._eager["depth"] = self.depth
+            self.depth = torch.compile(self.depth)
+
+    def uncompile(self) -> None:
+        """Back to the eager networks."""
+        if self._eager is None:
+            return
+        if "edge" in self._eager:
+            edges, model = self._eager["edge"]
+            edges.model = model
+        self.depth = self._eager.get("depth", self.depth)
+        self._eager = None
+
+    def _guarded(self, fn: Callable[..., dict[str, np.ndarray]], *args) -> dict[str, np.ndarray]:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (any compiler failure: the eager call raises a real error again)
+            if self._eager is None:
+                raise
+            log.warning("preprocess.compile: torch.compile failed (%s: %s); computing the maps eagerly instead",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.uncompile()
+            return fn(*args)
 
     def _depth(self, batch: torch.Tensor) -> torch.Tensor:
         """Depth on the model's device (encoded there by :func:`to_uint16`)."""
@@ -57,7 +99,18 @@ class MapComputer:
         return predict_depth(self.depth, batch, precision=self.depth_precision, on_device=True)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps of images at the size they are given, encoded for the shards."""
+        """Maps of images at the size they are given, encoded for the shards. Compiled, a smaller
+        batch than the first (the last) is padded to the first's size by repeating its last image,
+        so the compiled graphs are not built again for it."""
+        n = len(images)
+        if self._eager is not None and 0 < n < (self._rows or n):
+            pad = np.concatenate([images, np.repeat(images[-1:], self._rows - n, axis=0)])
+            return {k: v[:n] for k, v in self(pad).items()}
+        if self._eager is not None:
+            self._rows = max(self._rows or 0, n)
+        return self._guarded(self._maps, images)
+
+    def _maps(self, images: np.ndarray) -> dict[str, np.ndarray]:
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         on_device: dict[str, torch.Tensor] = {}  # both networks queued before either result is waited for
         if self.edge is not None:
@@ -69,6 +122,9 @@ class MapComputer:
     def at_original(self, images: np.ndarray, size: int, how: str) -> dict[str, np.ndarray]:
         """Maps of same-size originals (B, H, W, 3), computed at that size, then fitted to ``size``
         like the image (float maps, area interpolation, ``how`` = stretch / crop / pad) and encoded."""
+        return self._guarded(self._maps_at_original, images, size, how)
+
+    def _maps_at_original(self, images: np.ndarray, size: int, how: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         if self.edge is not None:

@@ -73,6 +73,12 @@ def _weights_format(G: torch.nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _pad_rows(batch: Mapping[str, object], n: int) -> dict[str, object]:
+    """``batch`` with each tensor's rows (dim 0) padded to ``n`` by repeating its last row."""
+    return {k: torch.cat([v, v[-1:].expand(n - len(v), *v.shape[1:])])
+            if isinstance(v, torch.Tensor) and v.ndim and 0 < len(v) < n else v for k, v in batch.items()}
+
+
 def load_generator(checkpoint: str | Path, device: torch.device, level: str = "rgb") -> Generator:
     """The checkpoint's generator of ``level`` (rgb or depth) on ``device``, in eval mode."""
     what = "generate's checkpoint" if level == "rgb" else "generate's depth-level checkpoint"
@@ -388,6 +394,7 @@ class HybridPipeline:
         if generator_star is not None:
             self.generator_star = generator_star.to(self.device, memory_format=fmt).eval()
         self._eager: tuple[Generator, Generator | None] | None = None  # the modules under torch.compile
+        self._rows: int | None = None  # compiled: the batch size smaller batches are padded to
         self.data = {**DEFAULT_DATA, **dict(data or {})}
         self.precision = resolve_precision(precision, self.device)
         self.paths = dict(paths or {})  # model-store name -> explicit weight path
@@ -483,8 +490,16 @@ class HybridPipeline:
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """The batched form (the generate stage): :func:`encode_batch` with this pipeline's models.
-        Compiled (:meth:`compile`), a call that fails (a compiler error, at the first batch or at a
-        new batch size) is run again eagerly, and eagerly from then on, with a warning."""
+        Compiled (:meth:`compile`), a smaller batch than the first (a shard's last) is padded to the
+        first's size by repeating its last pair, so the compiled graph is not built again for it;
+        a call that fails (a compiler error) is run again eagerly, and eagerly from then on, with a
+        warning."""
+        n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        if self._eager is not None and 0 < n < (self._rows or n):
+            out = self.encode(_pad_rows(batch, self._rows))
+            return {d: {k: v[:n] for k, v in o.items()} for d, o in out.items()}
+        if self._eager is not None:
+            self._rows = max(self._rows or 0, n)
         try:
             return encode_batch(self.generator, batch, self.precision, self.generator_star)
         except Exception as e:  # noqa: BLE001 (any compiler failure: the eager call raises a real error again)

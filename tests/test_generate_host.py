@@ -266,3 +266,38 @@ def test_a_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypa
         generate(ckpt, index, manifest, tmp_path / "fallback", small_cfg(compile=True))
     assert "torch.compile failed (RuntimeError: no C++ compiler here); generating eagerly instead" in caplog.text
     assert digests(tmp_path / "fallback") == digests(tmp_path / "eager")
+
+
+def test_compiled_generation_pads_a_shards_last_batch_to_the_compiled_size(tmp_path, monkeypatch):
+    """A compiled graph is built for one batch size: a shard's smaller last batch is padded to it
+    (its last pair repeated) instead of being compiled again, and only its own outputs are kept."""
+    calls = []
+
+    class Recorder:  # torch.compile's stand-in: records the batch sizes, runs the module
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, x, *args, **kwargs):
+            calls.append(len(x))
+            return self.module(x, *args, **kwargs)
+
+    index, manifest = make_dataset(tmp_path)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    cfg = {"batch_size": 3, "shard_size": 8}  # 4 pairs a shard: batches of 3 and 1
+    generate(ckpt, index, manifest, tmp_path / "eager", small_cfg(**cfg))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Recorder(module))
+    generate(ckpt, index, manifest, tmp_path / "padded", small_cfg(compile=True, **cfg))
+    assert len(calls) > 2 and set(calls) == {3}
+    eager, padded = shard_arrays(tmp_path / "eager"), shard_arrays(tmp_path / "padded")
+    assert eager.keys() == padded.keys()
+    for shard, arrays in eager.items():
+        for k, a in arrays.items():
+            b = padded[shard][k]
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), k
+            if a.dtype.kind == "O":
+                assert a.tolist() == b.tolist(), k
+            else:
+                assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 1, k

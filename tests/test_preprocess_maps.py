@@ -201,6 +201,89 @@ def test_working_size_maps_are_the_networks_outputs_encoded_as_the_shards_store_
     np.testing.assert_array_equal(got["depth"], to_uint16(depth.numpy()))
 
 
+def _random_pngs(folder: Path, n: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return paths
+
+
+def test_compiled_networks_give_the_eager_maps_up_to_float_rounding(tmp_path, tiny_weights, caplog):
+    """preprocess.compile runs PiDiNet and Depth Anything through torch.compile (inductor's CPU
+    kernels here): the same images, edges and depth up to a level of rounding, and the same
+    fingerprints (a speed switch: shards written eagerly stay current)."""
+    m = _folder_manifest(_random_pngs(tmp_path, 5, 3))
+    cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights, batch_size=8)
+    preprocess(m, tmp_path / "eager", _cfg(**cfg))
+    with caplog.at_level("INFO"):
+        preprocess(m, tmp_path / "compiled", _cfg(compile=True, **cfg))
+    assert "run through torch.compile" in caplog.text and "torch.compile failed" not in caplog.text
+    eager, compiled = _shards(tmp_path / "eager"), _shards(tmp_path / "compiled")
+    np.testing.assert_array_equal(compiled["image"], eager["image"])
+    for k in ("edge", "depth"):
+        diff = np.abs(compiled[k].astype(np.int64) - eager[k].astype(np.int64))
+        assert diff.max() <= 1, k
+    assert _attrs(tmp_path / "compiled")["fingerprint"] == _attrs(tmp_path / "eager")["fingerprint"]
+
+
+def test_a_compile_failure_falls_back_to_eager_maps_with_a_warning(tmp_path, tiny_weights, monkeypatch, caplog):
+    import torch
+
+    class Broken:  # what torch.compile returns: the module's attributes, a call that fails
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+    m = _folder_manifest(_random_pngs(tmp_path, 5, 4))
+    cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights)
+    preprocess(m, tmp_path / "eager", _cfg(**cfg))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with caplog.at_level("WARNING"):
+        preprocess(m, tmp_path / "fallback", _cfg(compile=True, **cfg))
+    assert "torch.compile failed (RuntimeError: no C++ compiler here); computing the maps eagerly" in caplog.text
+    eager, fallback = _shards(tmp_path / "eager"), _shards(tmp_path / "fallback")
+    assert eager.keys() == fallback.keys() == {"image", "edge", "depth"}
+    for k in eager:
+        np.testing.assert_array_equal(fallback[k], eager[k], err_msg=k)
+
+
+def test_compiled_networks_get_the_last_batch_padded_to_the_compiled_size(tmp_path, tiny_weights, monkeypatch):
+    import torch
+
+    calls = []
+
+    class Recorder:  # torch.compile's stand-in: records the batch sizes, runs the module
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def __call__(self, *args, **kwargs):
+            x = args[0] if args else kwargs["pixel_values"]
+            calls.append(len(x))
+            return self.module(*args, **kwargs)
+
+    m = _folder_manifest(_random_pngs(tmp_path, 7, 5))  # batches of 4 and 3
+    cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights, batch_size=4,
+               shard_size=8)
+    preprocess(m, tmp_path / "eager", _cfg(**cfg))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Recorder(module))
+    preprocess(m, tmp_path / "padded", _cfg(compile=True, **cfg))
+    assert len(calls) == 4 and set(calls) == {4}  # two networks, two batches, each of 4 images
+    eager, padded = _shards(tmp_path / "eager"), _shards(tmp_path / "padded")
+    for k in ("image", "edge", "depth"):
+        assert padded[k].shape == eager[k].shape == (7, *eager[k].shape[1:]), k
+        assert np.abs(padded[k].astype(np.int64) - eager[k].astype(np.int64)).max() <= 1, k
+
+
 def test_maps_at_is_recorded_and_changing_it_rewrites_the_shards(tmp_path):
     m = _folder_manifest(_mixed_sizes(tmp_path)[:4])
     out = tmp_path / "out"

@@ -61,7 +61,7 @@ BAD_IMAGES = ("error", "skip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_MISMATCH = ("resize", "error")
 # Settings that change how fast, never what: left out of the shard fingerprint.
-_RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels", "chunks")
+_RUNTIME_KEYS = ("device", "batch_size", "workers", "maps_batch_pixels", "chunks", "compile")  # speed only
 
 
 @dataclass
@@ -75,6 +75,7 @@ class PreprocessConfig:
     depth_source: str = choice(DEPTH_SOURCES, "depth_anything_small")  # likewise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = choice(PRECISIONS, "auto")  # auto: bf16 depth on cuda, fp32 elsewhere
+    compile: bool = False  # torch.compile PiDiNet and Depth Anything (falls back to eager if compiling fails)
     batch_size: int = 16
     workers: int = 2
     paths: dict[str, str] = field(default_factory=dict)  # store name -> explicit weights (models.paths)
@@ -222,7 +223,7 @@ def fingerprint(rows: pd.DataFrame, cfg: PreprocessConfig, sensor_depth: bool = 
 
 def map_computer(cfg: PreprocessConfig, device: torch.device) -> MapComputer:
     """The edge and depth networks of ``cfg`` (shared with :class:`hybrid.pipeline.HybridPipeline`)."""
-    return MapComputer(cfg.edge_model, cfg.depth_source, device, cfg.paths, cfg.precision)
+    return MapComputer(cfg.edge_model, cfg.depth_source, device, cfg.paths, cfg.precision, cfg.compile)
 
 
 def map_attrs(cfg: PreprocessConfig, maps: MapComputer) -> dict[str, object]:
@@ -331,6 +332,9 @@ def _run(manifest: pd.DataFrame, out_dir: str | Path, cfg: PreprocessConfig, aut
     skipped: list[dict] = _previous_skips(out_dir, {i for i in mine if i not in todo})
     if todo:
         maps = map_computer(cfg, device)
+        if cfg.compile:
+            log.info("preprocess.compile: the edge and depth networks run through torch.compile (compiled at the "
+                     "first batch of each size)")
         attrs_common = {"resolution": cfg.resolution, "fit": cfg.fit, **map_attrs(cfg, maps),
                         "depth_sensor_source": "sensor" if store_sensor else "", "auto": "; ".join(auto or [])}
         rows = pd.concat([chunks[i] for i in todo])
