@@ -18,8 +18,9 @@ drawn in the DataLoader (the same per-sample generator, the same order) and appl
 batch on the device (``augment_on: device``; equal to the per-sample CPU path up to float
 rounding); on a CPU they are applied in the dataset as always. Adam is fused on CUDA; the losses
 stay on the device and are synchronised once per ``log_every`` steps (and before a checkpoint),
-so losses.csv is written in blocks with unchanged rows. ``compile: true`` runs the generator
-through torch.compile and falls back to eager (with a warning) if compiling fails.
+so losses.csv is written in blocks with unchanged rows. ``compile: true`` runs the generator,
+the discriminator and VGG19 through torch.compile and falls back to eager (with a warning) if
+compiling fails.
 
 Randomness that decides the run is a pure function of the seed: data order of (seed, epoch)
 (DistributedSampler) and augmentations of (seed, epoch, sample index) (torch.Generator seeded in
@@ -113,7 +114,7 @@ class TrainConfig:
     sample_every: int = 1000
     log_every: int = 50           # steps; also how often the losses are synchronised to the host
     augment_on: str = choice(AUGMENT_ON, "auto")  # auto: device on CUDA, dataset on CPU
-    compile: bool = False         # torch.compile the generator (falls back to eager if it fails)
+    compile: bool = False         # torch.compile G, D and VGG19 (falls back to eager if it fails)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -439,10 +440,13 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
 
     defer = cfg.augment_on == "device" or (cfg.augment_on == "auto" and cuda)
     pairs = PairDataset(dataset, g, aug_cfg, cfg.seed, cfg.shared_geometry, defer=defer)
-    G_run = G
-    if cfg.compile:
-        G_run = torch.compile(G)
-        log.info("train.compile: the generator runs through torch.compile")
+    eager = (G, D, vgg)
+    G_run, D_run, vgg_run = eager
+    if cfg.compile:  # the step's networks: generator, discriminator and VGG19
+        G_run, D_run = torch.compile(G), torch.compile(D)
+        vgg_run = torch.compile(vgg) if vgg is not None else None
+        log.info("train.compile: the generator, the discriminator%s run through torch.compile",
+                 " and VGG19" if vgg is not None else "")
     if len(pairs) == 0:
         raise ValueError("the training dataset is empty; check the preprocess stage's shards")
     steps_per_epoch = len(epoch_batches(len(pairs), cfg, 0, rank, world))
@@ -474,16 +478,16 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         return dict(zip(LOSS_NAMES, values[-1]))
 
     def run_step(maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        nonlocal G_run
+        nonlocal G_run, D_run, vgg_run
         try:
-            return train_step(G_run, D, vgg, opt_G, opt_D, maps, cfg, autocast, sync=False)
+            return train_step(G_run, D_run, vgg_run, opt_G, opt_D, maps, cfg, autocast, sync=False)
         except Exception as e:  # noqa: BLE001 (any compiler failure: retry the step eagerly)
-            if G_run is G:
+            if (G_run, D_run, vgg_run) == eager:
                 raise
             log.warning("train.compile: torch.compile failed (%s: %s); training eagerly instead",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            G_run = G
-            return train_step(G_run, D, vgg, opt_G, opt_D, maps, cfg, autocast, sync=False)
+            G_run, D_run, vgg_run = eager
+            return train_step(G_run, D_run, vgg_run, opt_G, opt_D, maps, cfg, autocast, sync=False)
 
     while step < stop:
         epoch, skip = divmod(step, steps_per_epoch)
