@@ -10,16 +10,14 @@ Anything V2 nearness, min-max encoded per image to uint16 (B, H, W) (bf16 on CUD
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
+from hybrid.compiled import eager_on_failure
 from hybrid.data.images import fit
 from hybrid.models.depth import to_uint16
-
-log = logging.getLogger(__name__)
 
 EDGE_MODELS = ("pidinet", "pidinet_small", "pidinet_tiny", "canny", "none")
 DEPTH_MODELS = ("depth_anything_small", "depth_anything_base", "depth_anything_large")
@@ -82,15 +80,8 @@ class MapComputer:
         self._eager = None
 
     def _guarded(self, fn: Callable[..., dict[str, np.ndarray]], *args) -> dict[str, np.ndarray]:
-        try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 (any compiler failure: the eager call raises a real error again)
-            if self._eager is None:
-                raise
-            log.warning("preprocess.compile: torch.compile failed (%s: %s); computing the maps eagerly instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.uncompile()
-            return fn(*args)
+        return eager_on_failure(lambda: fn(*args), self._eager is not None, self.uncompile, "preprocess.compile",
+                                "computing the maps eagerly")
 
     def _depth(self, batch: torch.Tensor) -> torch.Tensor:
         """Depth on the model's device (encoded there by :func:`to_uint16`)."""

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hybrid.compiled import eager_on_failure
 from hybrid.config import resolve_device
 from hybrid.data.shards import to_unit, unit_tensor
 from hybrid.io import write_png
@@ -500,15 +501,8 @@ class HybridPipeline:
             return {d: {k: v[:n] for k, v in o.items()} for d, o in out.items()}
         if self._eager is not None:
             self._rows = max(self._rows or 0, n)
-        try:
-            return encode_batch(self.generator, batch, self.precision, self.generator_star)
-        except Exception as e:  # noqa: BLE001 (any compiler failure: the eager call raises a real error again)
-            if self._eager is None:
-                raise
-            log.warning("generate.compile: torch.compile failed (%s: %s); generating eagerly instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.uncompile()
-            return encode_batch(self.generator, batch, self.precision, self.generator_star)
+        return eager_on_failure(lambda: encode_batch(self.generator, batch, self.precision, self.generator_star),
+                                self._eager is not None, self.uncompile, "generate.compile", "generating eagerly")
 
     def compile(self) -> None:
         """Run the generator (and AH*) through ``torch.compile`` (``generate.compile``), channels_last

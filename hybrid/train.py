@@ -65,6 +65,7 @@ from hybrid.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from hybrid.compiled import eager_on_failure
 from hybrid.config import check_choices, check_device, check_keys, choice
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
@@ -477,17 +478,14 @@ def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg
         rows.clear()
         return dict(zip(LOSS_NAMES, values[-1]))
 
-    def run_step(maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def uncompile() -> None:
         nonlocal G_run, D_run, vgg_run
-        try:
-            return train_step(G_run, D_run, vgg_run, opt_G, opt_D, maps, cfg, autocast, sync=False)
-        except Exception as e:  # noqa: BLE001 (any compiler failure: retry the step eagerly)
-            if (G_run, D_run, vgg_run) == eager:
-                raise
-            log.warning("train.compile: torch.compile failed (%s: %s); training eagerly instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            G_run, D_run, vgg_run = eager
-            return train_step(G_run, D_run, vgg_run, opt_G, opt_D, maps, cfg, autocast, sync=False)
+        G_run, D_run, vgg_run = eager
+
+    def run_step(maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return eager_on_failure(lambda: train_step(G_run, D_run, vgg_run, opt_G, opt_D, maps, cfg, autocast,
+                                                   sync=False),
+                                G_run is not G, uncompile, "train.compile", "training eagerly")
 
     while step < stop:
         epoch, skip = divmod(step, steps_per_epoch)

@@ -19,6 +19,7 @@ from hybrid.data.xyz import write_xyz
 from hybrid.models.depth import sensor_nearness, to_uint16
 from hybrid.stages.preprocess import PreprocessConfig, fingerprint
 from hybrid.stages.preprocess import run as preprocess
+from tests.compile_doubles import Broken, Recorder
 from tests.tiny_models import save_random_pidinet, save_tiny_depth_anything
 
 
@@ -231,20 +232,10 @@ def test_compiled_networks_give_the_eager_maps_up_to_float_rounding(tmp_path, ti
 def test_a_compile_failure_falls_back_to_eager_maps_with_a_warning(tmp_path, tiny_weights, monkeypatch, caplog):
     import torch
 
-    class Broken:  # what torch.compile returns: the module's attributes, a call that fails
-        def __init__(self, module):
-            self.module = module
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
-        def __call__(self, *args, **kwargs):
-            raise RuntimeError("no C++ compiler here")
-
     m = _folder_manifest(_random_pngs(tmp_path, 5, 4))
     cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights)
     preprocess(m, tmp_path / "eager", _cfg(**cfg))
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    monkeypatch.setattr(torch, "compile", Broken)
     with caplog.at_level("WARNING"):
         preprocess(m, tmp_path / "fallback", _cfg(compile=True, **cfg))
     assert "torch.compile failed (RuntimeError: no C++ compiler here); computing the maps eagerly" in caplog.text
@@ -257,27 +248,14 @@ def test_a_compile_failure_falls_back_to_eager_maps_with_a_warning(tmp_path, tin
 def test_compiled_networks_get_the_last_batch_padded_to_the_compiled_size(tmp_path, tiny_weights, monkeypatch):
     import torch
 
-    calls = []
-
-    class Recorder:  # torch.compile's stand-in: records the batch sizes, runs the module
-        def __init__(self, module):
-            self.module = module
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
-        def __call__(self, *args, **kwargs):
-            x = args[0] if args else kwargs["pixel_values"]
-            calls.append(len(x))
-            return self.module(*args, **kwargs)
-
     m = _folder_manifest(_random_pngs(tmp_path, 7, 5))  # batches of 4 and 3
     cfg = dict(edge_model="pidinet_tiny", depth_source="depth_anything_small", paths=tiny_weights, batch_size=4,
                shard_size=8)
     preprocess(m, tmp_path / "eager", _cfg(**cfg))
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Recorder(module))
+    recorder = Recorder()
+    monkeypatch.setattr(torch, "compile", recorder)
     preprocess(m, tmp_path / "padded", _cfg(compile=True, **cfg))
-    assert len(calls) == 4 and set(calls) == {4}  # two networks, two batches, each of 4 images
+    assert sorted(recorder.calls) == [("DepthAnythingForDepthEstimation", 4)] * 2 + [("PiDiNet", 4)] * 2
     eager, padded = _shards(tmp_path / "eager"), _shards(tmp_path / "padded")
     for k in ("image", "edge", "depth"):
         assert padded[k].shape == eager[k].shape == (7, *eager[k].shape[1:]), k

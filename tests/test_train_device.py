@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from hybrid.augment import AugmentConfig
 from hybrid.models.generator import Generator
 from hybrid.train import PairDataset, train
+from tests.compile_doubles import Broken, Recorder
 from tests.test_train import AUG, MODEL, Blobs, rows, same_checkpoint, train_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,19 +62,29 @@ def test_losses_synchronised_per_log_interval_give_the_same_csv_and_weights(tmp_
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
-    class Broken(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self._orig_mod = m
-
-        def forward(self, *a, **k):
-            raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: Broken(m))
+    monkeypatch.setattr(torch, "compile", Broken)
     data = Blobs(4)
     eager = train(data, tmp_path / "a", tmp_path / "wa", MODEL, train_cfg(epochs_decay=1), AUG)
     with caplog.at_level(logging.WARNING, logger="hybrid.train"):
         compiled = train(data, tmp_path / "b", tmp_path / "wb", MODEL, train_cfg(epochs_decay=1, compile=True), AUG)
     assert "torch.compile failed (RuntimeError: no C++ compiler here)" in caplog.text
     same_checkpoint(eager, compiled)
+    assert rows(tmp_path / "wa" / "losses.csv") == rows(tmp_path / "wb" / "losses.csv")
+
+
+def test_compile_covers_the_generator_the_discriminator_and_vgg19(tmp_path, model_dir, monkeypatch):
+    """train.compile compiles every network of the step, not only the generator; the step is the
+    same step (the stand-in runs the modules eagerly: the very losses)."""
+    from hybrid.models.vgg import VGGFeatures
+
+    (model_dir / "torchvision").mkdir()
+    sd = {f"features.{k}": v for k, v in VGGFeatures("vgg19").features.state_dict().items()}
+    torch.save(sd, model_dir / "torchvision" / "vgg19-dcbb9e9d.pth")  # random stand-in, found by the store
+    data = Blobs(4)
+    cfg = train_cfg(perceptual="vgg19", epochs_decay=1)
+    train(data, tmp_path / "a", tmp_path / "wa", MODEL, cfg, AUG)
+    recorder = Recorder()
+    monkeypatch.setattr(torch, "compile", recorder)
+    train(data, tmp_path / "b", tmp_path / "wb", MODEL, {**cfg, "compile": True}, AUG)
+    assert {name for name, _ in recorder.calls} == {"Generator", "MultiscaleDiscriminator", "VGGLoss"}
     assert rows(tmp_path / "wa" / "losses.csv") == rows(tmp_path / "wb" / "losses.csv")
