@@ -5,6 +5,7 @@
     python bench/bench_gpu.py --device cpu --threads 1 --size 256 --model tiny --edge canny \
         --images 256 --stages preprocess generate --profile    # the generate stage's host side
     python bench/bench_gpu.py --device cpu --threads 1 --edge canny --scaling 1000 10000  # memory vs data
+    python bench/bench_gpu.py --device cuda --flops   # GFLOP per image and the goals' TFLOP/s (seconds, any machine)
 
 On a CPU shared with other processes use ``--threads 1``: with every core busy, torch's OpenMP
 threads wait for each other and elementwise work can take many times longer.
@@ -27,7 +28,9 @@ the model calls per image (with one torch thread a model call counts its own thr
 only, so a writer thread's work meanwhile stays host time), ``host ms/img`` the same plus the
 DataLoader workers' CPU time, ``peak MiB`` torch.cuda.max_memory_allocated on a GPU and the larger
 of the process's and its children's max RSS on a CPU. On a GPU the CPU figures include time
-spent waiting for the device.
+spent waiting for the device. A second table gives each stage's network GFLOP per image (counted
+on the meta device by torch's FlopCounterMode) and the TFLOP/s the stage, its model alone and the
+issue's goal amount to: the distance from the hardware, beside the distance from the model.
 
 ``--scaling N1 N2 ...`` runs only preprocess and generate at each size (a random-weight generator,
 N generated images) and prints their peak memory: flat when memory does not grow with the data.
@@ -45,6 +48,7 @@ import contextlib
 import cProfile
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import pstats
@@ -468,6 +472,9 @@ def model_depth(a: dict) -> dict:
 
 
 def model_train(a: dict) -> dict:
+    """The train step alone in the stage's memory format (channels_last on a GPU); eager on a GPU
+    also in NCHW, which made the generator's eager forward faster (1,535 against 1,300 img/s on
+    the H200) and was never measured for a whole step."""
     import torch
 
     from hybrid.losses import load_vgg_loss
@@ -478,26 +485,32 @@ def model_train(a: dict) -> dict:
     _threads(a["threads"])
     dev = torch.device(a["device"])
     cuda = dev.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
     cfg = TrainConfig(perceptual=a["perceptual"], precision=a["precision"], ndf=a["ndf"],
                       lambda_l1=10.0 if a["perceptual"] == "none" else 0.0)
-    torch.manual_seed(0)
-    G = Generator(**a["model"]).to(dev, memory_format=fmt)
-    D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"]).to(dev, memory_format=fmt)
-    vgg = load_vgg_loss(a["weights"]["vgg19"]).to(dev, memory_format=fmt) if a["perceptual"] == "vgg19" else None
-    kw = {"fused": True} if cuda else {}
-    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
-    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
     b, s = a["train_batch"], a["size"]
-    maps = {n: (torch.rand(b, 3 if n.endswith(("image", "learns")) else 1, s, s, device=dev) * 2 - 1)
-            .contiguous(memory_format=fmt)
-            for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
-    if a["compile"]:  # as train.compile (compiled in _timed's warm-up call)
-        G, D = torch.compile(G), torch.compile(D)
-        vgg = torch.compile(vgg) if vgg is not None else None
-    dt = _timed(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast), a["reps"], cuda)
-    return {"img_s": b / dt, "peak": _peak(cuda), "what": "train step alone"}
+
+    def rate(fmt: torch.memory_format) -> float:
+        torch.manual_seed(0)
+        G = Generator(**a["model"]).to(dev, memory_format=fmt)
+        D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"]).to(dev, memory_format=fmt)
+        vgg = load_vgg_loss(a["weights"]["vgg19"]).to(dev, memory_format=fmt) if a["perceptual"] == "vgg19" else None
+        kw = {"fused": True} if cuda else {}
+        opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
+        opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
+        maps = {n: (torch.rand(b, 3 if n.endswith(("image", "learns")) else 1, s, s, device=dev) * 2 - 1)
+                .contiguous(memory_format=fmt)
+                for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
+        if a["compile"]:  # as train.compile (compiled in _timed's warm-up call)
+            G, D = torch.compile(G), torch.compile(D)
+            vgg = torch.compile(vgg) if vgg is not None else None
+        return b / _timed(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast), a["reps"], cuda)
+
+    img_s = rate(torch.channels_last if cuda else torch.contiguous_format)  # as hybrid.train
+    peak, what = _peak(cuda), "train step alone"
+    if cuda and not a["compile"]:
+        what += f" (channels_last, as the stage; NCHW: {rate(torch.contiguous_format):,.1f} img/s)"
+    return {"img_s": img_s, "peak": peak, "what": what}
 
 
 def model_generator(a: dict) -> dict:
@@ -540,6 +553,89 @@ def model_inception(a: dict) -> dict:
 
     dt = _timed(fwd, a["reps"], dev.type == "cuda")
     return {"img_s": a["eval_batch"] / dt, "peak": _peak(dev.type == "cuda"), "what": "Inception-v3 alone"}
+
+
+# ----------------------------------------------------------------------------- work per image
+GOALS = {"preprocess": 800, "train": 400, "generate": 2500}  # issue 15: images/s on one H100-class GPU
+
+
+def gflop_per_image(a: dict) -> dict[str, dict]:
+    """Each stage's network work per image at this run's sizes, in GFLOP, counted by torch's
+    FlopCounterMode on the meta device (no weights, no computation: seconds on a CPU). Images as
+    the stages count them: a preprocessed photo (the edge model at the working size, Depth
+    Anything at its 518 px input), a training pair (one step: G, both scales of D and VGG19 for
+    both decoders, forward and backward), one decoder's generated image, an evaluated image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybrid.losses import VGGLoss
+    from hybrid.models.discriminator import MultiscaleDiscriminator
+    from hybrid.models.generator import Generator
+    from hybrid.models.vgg import VGGFeatures
+    from hybrid.stages.evaluate import random_inception
+    from hybrid.train import TrainConfig, train_step
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / 1e9
+
+    meta, s = torch.device("meta"), a["size"]
+    out: dict[str, dict] = {}
+    parts = {}
+    if a["edge"].startswith("pidinet"):
+        from hybrid.models.pidinet import build_pidinet
+
+        with meta:
+            pidinet = build_pidinet(a["edge"], converted=True).eval()
+        parts[a["edge"]] = count(lambda: pidinet(torch.zeros(1, 3, s, s, device=meta)))
+    if a["depth"] == "depth_anything_small":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_depth import small_config
+        from transformers import DepthAnythingForDepthEstimation
+
+        from hybrid.models.depth import SIZE
+
+        with meta:
+            da = DepthAnythingForDepthEstimation(small_config()).eval()
+        parts[a["depth"]] = count(lambda: da(pixel_values=torch.zeros(1, 3, SIZE, SIZE, device=meta)))
+    out["preprocess"] = {"gflop": sum(parts.values()), "what": " + ".join(parts) or "no network"}
+    with meta:
+        G = Generator(**a["model"])
+        D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"])
+        vgg = VGGLoss(VGGFeatures("vgg19")) if a["perceptual"] == "vgg19" else None
+    cfg = TrainConfig(perceptual=a["perceptual"], ndf=a["ndf"], lambda_l1=10.0 if vgg is None else 0.0)
+    opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=2e-4) for m in (G, D))
+    maps = {n: torch.zeros(1, 3 if n.endswith(("image", "learns")) else 1, s, s, device=meta)
+            for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
+    step = count(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, contextlib.nullcontext(), sync=False))
+    out["train"] = {"gflop": step, "what": "G + D" + (" + VGG19" if vgg is not None else "") + ", per pair"}
+    x = torch.zeros(1, G.in_channels, s, s, device=meta)
+    with torch.no_grad():
+        out["generate"] = {"gflop": count(lambda: G(x)) / len(G.decoder_names), "what": "generator forward"}
+        inception = random_inception(0).to(meta)
+        out["evaluate"] = {"gflop": count(lambda: inception(torch.zeros(1, 3, s, s, dtype=torch.uint8, device=meta))),
+                           "what": "Inception-v3 (LPIPS features not counted)"}
+    return out
+
+
+def work_table(work: dict[str, dict], stages: dict[str, dict], models: dict[str, dict], goals: bool) -> str:
+    """Markdown: per stage its GFLOP per image and the TFLOP/s the stage, its model alone and (at
+    the paper's size, ``goals``) the issue's goal in images/s amount to."""
+    def tf(gflop: float, img_s: float | None) -> str:
+        if not img_s or not gflop:
+            return "-"
+        x = gflop * img_s / 1000
+        return f"{x:,.{max(0, 2 - math.floor(math.log10(x)))}f}"  # three significant digits
+
+    lines = ["| stage | networks | GFLOP/img | stage TFLOP/s | model alone TFLOP/s | goal img/s | goal TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, w in work.items():
+        goal = GOALS.get(name) if goals else None
+        stage, model = stages.get(name, {}).get("img_s"), models.get(name, {}).get("img_s")
+        lines.append(f"| {name} | {w['what']} | {w['gflop']:,.1f} | {tf(w['gflop'], stage)} | {tf(w['gflop'], model)} "
+                     f"| {_fmt(goal, 0) if goal else '-'} | {tf(w['gflop'], goal)} |")
+    return "\n".join(lines)
 
 
 def in_child(fn, a: dict) -> dict:
@@ -586,6 +682,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["preprocess", "train", "generate", "evaluate"])
     ap.add_argument("--no-models", action="store_true", help="skip the models-alone figures")
     ap.add_argument("--profile", action="store_true", help="cProfile the generate stage's host side")
+    ap.add_argument("--flops", action="store_true", help="only print each stage's network GFLOP per image "
+                    "and the TFLOP/s the issue's goals amount to (counted, nothing run: seconds)")
     ap.add_argument("--scaling", type=int, nargs="+", help="peak memory of preprocess and generate at these sizes")
     ap.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one); "
                     "a stage that runs starts from an emptied output folder; those of the others are kept")
@@ -610,12 +708,19 @@ def main() -> None:
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)
+        work_per_image = in_child(gflop_per_image, a)
+        paper = a["model"] == PAPER and a["size"] == 256  # the goals are the paper size's
+        if args.flops:
+            print("\n" + work_table(work_per_image, {}, {}, paper))
+            return
         a["weights"] = random_weights(work / "weights", a["edge"], a["depth"], a["perceptual"])
         print(f"device {args.device}, {a['precision']}, {a['size']} px, model {json.dumps(a['model']) or 'paper'}, "
               f"edges {a['edge']}, depth {a['depth']}, {a['threads']} threads, {os.cpu_count()} cores, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         if args.scaling:
             return scaling(work, args.scaling, a)
+        stages: dict[str, dict] = {}
+        alone: dict[str, dict] = {}
         t = time.perf_counter()
         a["manifest"] = str(make_data(work / "data", n, source, fmt=fmt, xyz=xyz))
         os.sync()  # its writeback beside the stages slowed their writes (shard writer: 1.26 ms/img of CPU, not 0.4)
@@ -626,25 +731,33 @@ def main() -> None:
         print("\n| stage | images | wall s | img/s | steady img/s | main ms/img | host ms/img | peak MiB | "
               "model alone (same batch) |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         if "preprocess" in args.stages:
-            r = in_child(stage_preprocess, {**a, "out": fresh(work / "shards")})
+            r = stages["preprocess"] = in_child(stage_preprocess, {**a, "out": fresh(work / "shards")})
             models = [] if args.no_models else [in_child(model_edges, a)]
             if a["depth"].startswith("depth_anything") and not args.no_models:
                 models.append(in_child(model_depth, a))
+            if models:  # the networks one after the other, as the stage runs them
+                alone["preprocess"] = {"img_s": 1 / sum(1 / m["img_s"] for m in models)}
             print(row("preprocess", r, models[0] if models else None), flush=True)
             for m in models[1:]:
                 print(f"| | | | | | | | | {m['what']}: {_fmt(m['img_s'])} img/s, {_fmt(m['peak'], 0)} MiB |")
         a["checkpoint"] = str(work / "train" / "checkpoint")
         if "train" in args.stages:
-            r = in_child(stage_train, {**a, "out": fresh(work / "train")})
-            print(row("train", r, None if args.no_models else in_child(model_train, a)), flush=True)
+            r = stages["train"] = in_child(stage_train, {**a, "out": fresh(work / "train")})
+            m = alone["train"] = {} if args.no_models else in_child(model_train, a)
+            print(row("train", r, m or None), flush=True)
         elif not Path(a["checkpoint"]).exists():
             random_checkpoint(Path(a["checkpoint"]), a["model"])
         if "generate" in args.stages:
-            r = in_child(stage_generate, {**a, "out": fresh(work / "generated")})
-            print(row("generate", r, None if args.no_models else in_child(model_generator, a)), flush=True)
+            r = stages["generate"] = in_child(stage_generate, {**a, "out": fresh(work / "generated")})
+            m = alone["generate"] = {} if args.no_models else in_child(model_generator, a)
+            print(row("generate", r, m or None), flush=True)
         if "evaluate" in args.stages:
-            r = in_child(stage_evaluate, {**a, "generated": str(work / "generated"), "out": fresh(work / "metrics")})
-            print(row("evaluate", r, None if args.no_models else in_child(model_inception, a)), flush=True)
+            r = stages["evaluate"] = in_child(stage_evaluate, {**a, "generated": str(work / "generated"),
+                                                                "out": fresh(work / "metrics")})
+            m = alone["evaluate"] = {} if args.no_models else in_child(model_inception, a)
+            print(row("evaluate", r, m or None), flush=True)
+        ran = {k: w for k, w in work_per_image.items() if k in stages}
+        print("\n" + work_table(ran, stages, alone, paper), flush=True)
         if args.profile:
             p = {**a, "threads": 1, "gen_workers": 0, "profile": True, "out": fresh(work / "generated-profile")}
             plain = in_child(stage_generate, {**p, "profile": False, "out": fresh(work / "generated-plain")})
