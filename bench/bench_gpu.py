@@ -472,11 +472,13 @@ def model_depth(a: dict) -> dict:
 
 
 def model_train(a: dict) -> dict:
-    """The train step alone in the stage's memory format (channels_last on a GPU); eager on a GPU
-    also in NCHW, which made the generator's eager forward faster (1,535 against 1,300 img/s on
-    the H200) and was never measured for a whole step."""
+    """The train step alone as the stage runs it (channels_last on a GPU, deterministic
+    algorithms); eager on a GPU also in NCHW, which made the generator's eager forward faster
+    (1,535 against 1,300 img/s on the H200) and was never measured for a whole step, and without
+    determinism (cuDNN's algorithms picked by timing): what exact resume costs."""
     import torch
 
+    from hybrid.determinism import deterministic_algorithms
     from hybrid.losses import load_vgg_loss
     from hybrid.models.discriminator import MultiscaleDiscriminator
     from hybrid.models.generator import Generator
@@ -506,10 +508,15 @@ def model_train(a: dict) -> dict:
             vgg = torch.compile(vgg) if vgg is not None else None
         return b / _timed(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast), a["reps"], cuda)
 
-    img_s = rate(torch.channels_last if cuda else torch.contiguous_format)  # as hybrid.train
-    peak, what = _peak(cuda), "train step alone"
-    if cuda and not a["compile"]:
-        what += f" (channels_last, as the stage; NCHW: {rate(torch.contiguous_format):,.1f} img/s)"
+    with deterministic_algorithms():  # as hybrid.train
+        img_s = rate(torch.channels_last if cuda else torch.contiguous_format)
+        peak, what = _peak(cuda), "train step alone"
+        if cuda and not a["compile"]:
+            nchw = rate(torch.contiguous_format)
+    if cuda and not a["compile"]:  # what determinism costs: cuDNN's algorithms picked by timing instead
+        torch.backends.cudnn.benchmark = True
+        what += (f" (channels_last, deterministic, as the stage; NCHW: {nchw:,.1f} img/s; channels_last with "
+                 f"cudnn.benchmark, not deterministic: {rate(torch.channels_last):,.1f} img/s)")
     return {"img_s": img_s, "peak": peak, "what": what}
 
 

@@ -25,8 +25,12 @@ compiling fails.
 Randomness that decides the run is a pure function of the seed: data order of (seed, epoch)
 (DistributedSampler) and augmentations of (seed, epoch, sample index) (torch.Generator seeded in
 the dataset), so a resumed run needs only the step counter to continue the same batches; global
-RNG states are saved as well. Work checkpoints go to ``work_dir/ckpt-<step>/`` (written to a
-temporary directory, then renamed); the final one is published to ``out_dir``.
+RNG states are saved as well. The run uses deterministic algorithms
+(:func:`hybrid.determinism.deterministic_algorithms`): on a GPU too, the same seed gives the same
+weights, so a resumed run is exact there as well (cuDNN's algorithms are chosen by fixed rules, not
+by timing, and the generator's reflection pads take a backward without atomic adds). Work
+checkpoints go to ``work_dir/ckpt-<step>/`` (written to a temporary directory, then renamed); the
+final one is published to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from hybrid.checkpoint import (
 )
 from hybrid.compiled import eager_on_failure
 from hybrid.config import check_choices, check_device, check_keys, choice
+from hybrid.determinism import deterministic_algorithms
 from hybrid.io import atomic_path
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss, mask_loss
 from hybrid.models.discriminator import MultiscaleDiscriminator
@@ -369,6 +374,7 @@ def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(dev)
 
 
+@deterministic_algorithms()
 def train(dataset: Dataset, out_dir: str | Path, work_dir: str | Path, model_cfg: dict, train_cfg: dict,
           augment_cfg: dict, max_steps: int | None = None, losses_csv: str | Path | None = None,
           samples_dir: str | Path | None = None, init_from: str | Path | None = None,

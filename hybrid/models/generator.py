@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hybrid.determinism import ReflectionPad2d
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 LEVEL_NAMES = {"rgb": "rgb-level (AnomalyHybrid)", "depth": "depth-level (AnomalyHybrid*)",
@@ -107,8 +109,8 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+            ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+            ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,7 @@ class ResnetBlock(nn.Module):
 
 
 def make_encoder(in_channels: int, ngf: int, n_downsample: int, n_blocks: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7),
+    layers: list[nn.Module] = [ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7),
                                nn.InstanceNorm2d(ngf), nn.ReLU(True)]
     for i in range(n_downsample):
         c = ngf * 2**i
@@ -131,7 +133,7 @@ def make_decoder(out_channels: int, ngf: int, n_downsample: int, head: nn.Module
         c = ngf * 2**i
         layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
                    nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
-    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), head]
+    layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), head]
     return nn.Sequential(*layers)
 
 

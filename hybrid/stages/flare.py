@@ -24,7 +24,8 @@ added to the encoded features, ``Generator.forward(x, noise)``) against it with 
 :func:`train_af` is the loop (Flare and Blaze): resumable exactly from ``work_dir/ckpt-<step>/``
 like the train stage (same checkpoint format: config.json, model.safetensors,
 discriminator.safetensors, state.pt), a losses CSV, sample grids, and the final checkpoint published
-to ``out_dir``; config.json records ``anomalyfactory.stage``. The learning rate decays linearly from
+to ``out_dir``; config.json records ``anomalyfactory.stage``. Under deterministic algorithms, as the
+train stage (:mod:`hybrid.determinism`), so a resumed run is exact on a GPU too. The learning rate decays linearly from
 ``train.lr`` over the stage's epochs ("decreases the learning rate with linear schedule", Sec. 4.2).
 Single process (no DDP).
 """
@@ -64,6 +65,7 @@ from hybrid.checkpoint import (
 )
 from hybrid.config import check_choices, check_keys, choice
 from hybrid.data.shards import ShardDataset, read_attrs
+from hybrid.determinism import deterministic_algorithms
 from hybrid.losses import d_loss, feature_matching, gan_loss, load_vgg_loss
 from hybrid.manipulate import (
     MANIPULATION_NAMES,
@@ -256,6 +258,7 @@ def save_rows(path: Path, columns: list[tuple[str, torch.Tensor]], rows: int = 4
 Targets = Callable[[Generator, Mapping[str, torch.Tensor], int], dict]
 
 
+@deterministic_algorithms()
 def train_af(stage: str, dataset: Dataset, targets: Targets, out_dir: str | Path, work_dir: str | Path,
              model_cfg: Mapping, train_cfg: Mapping, heat_weight: float, noise_std: float,
              init_from: str | Path | None, stage_config: Mapping, augment_cfg: Mapping | None = None,
