@@ -471,6 +471,35 @@ def model_depth(a: dict) -> dict:
     return {"img_s": a["pre_batch"] / dt, "peak": _peak(dev.type == "cuda"), "what": f"{a['depth']} alone"}
 
 
+def train_step_call(a: dict, dev, fmt, batch: int, vgg):
+    """A zero-argument call of one training step as the stage runs it (the bench's G, D and
+    train settings, Adam as hybrid.train, random maps of ``batch`` pairs in ``fmt`` on ``dev``),
+    with ``vgg`` (a VGGLoss, or None) as the perceptual network; compiled with ``a["compile"]``."""
+    import torch
+
+    from hybrid.models.discriminator import MultiscaleDiscriminator
+    from hybrid.models.generator import CHANNELS, Generator
+    from hybrid.train import TrainConfig, key_modality, learns_key, train_step
+
+    cfg = TrainConfig(perceptual="vgg19" if vgg is not None else "none", precision=a["precision"], ndf=a["ndf"],
+                      lambda_l1=0.0 if vgg is not None else 10.0)
+    torch.manual_seed(0)
+    G = Generator(**a["model"]).to(dev, memory_format=fmt)
+    D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"]).to(dev, memory_format=fmt)
+    vgg = vgg.to(dev, memory_format=fmt) if vgg is not None else None
+    kw = {"fused": True} if dev.type == "cuda" else {}
+    opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw) for m in (G, D))
+    names = G.conditions + [learns_key(d) for d in G.decoder_names]
+    maps = {n: (torch.rand(batch, CHANNELS[key_modality(n, G)], a["size"], a["size"], device=dev) * 2 - 1)
+            .contiguous(memory_format=fmt) for n in names}
+    bf16 = a["precision"] == "bf16"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if a["compile"]:  # as train.compile
+        G, D = torch.compile(G), torch.compile(D)
+        vgg = torch.compile(vgg) if vgg is not None else None
+    return lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast, sync=False)  # as the stage
+
+
 def model_train(a: dict) -> dict:
     """The train step alone as the stage runs it (channels_last on a GPU, deterministic
     algorithms); eager on a GPU also in NCHW, which made the generator's eager forward faster
@@ -480,33 +509,14 @@ def model_train(a: dict) -> dict:
 
     from hybrid.determinism import deterministic_algorithms
     from hybrid.losses import load_vgg_loss
-    from hybrid.models.discriminator import MultiscaleDiscriminator
-    from hybrid.models.generator import Generator
-    from hybrid.train import TrainConfig, train_step
 
     _threads(a["threads"])
     dev = torch.device(a["device"])
     cuda = dev.type == "cuda"
-    cfg = TrainConfig(perceptual=a["perceptual"], precision=a["precision"], ndf=a["ndf"],
-                      lambda_l1=10.0 if a["perceptual"] == "none" else 0.0)
-    b, s = a["train_batch"], a["size"]
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a["precision"] == "bf16")
 
-    def rate(fmt: torch.memory_format) -> float:
-        torch.manual_seed(0)
-        G = Generator(**a["model"]).to(dev, memory_format=fmt)
-        D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"]).to(dev, memory_format=fmt)
-        vgg = load_vgg_loss(a["weights"]["vgg19"]).to(dev, memory_format=fmt) if a["perceptual"] == "vgg19" else None
-        kw = {"fused": True} if cuda else {}
-        opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
-        opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
-        maps = {n: (torch.rand(b, 3 if n.endswith(("image", "learns")) else 1, s, s, device=dev) * 2 - 1)
-                .contiguous(memory_format=fmt)
-                for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
-        if a["compile"]:  # as train.compile (compiled in _timed's warm-up call)
-            G, D = torch.compile(G), torch.compile(D)
-            vgg = torch.compile(vgg) if vgg is not None else None
-        return b / _timed(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, autocast), a["reps"], cuda)
+    def rate(fmt: torch.memory_format) -> float:  # compiled in _timed's warm-up call
+        vgg = load_vgg_loss(a["weights"]["vgg19"]) if a["perceptual"] == "vgg19" else None
+        return a["train_batch"] / _timed(train_step_call(a, dev, fmt, a["train_batch"], vgg), a["reps"], cuda)
 
     with deterministic_algorithms():  # as hybrid.train
         img_s = rate(torch.channels_last if cuda else torch.contiguous_format)
@@ -576,11 +586,9 @@ def gflop_per_image(a: dict) -> dict[str, dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from hybrid.losses import VGGLoss
-    from hybrid.models.discriminator import MultiscaleDiscriminator
     from hybrid.models.generator import Generator
     from hybrid.models.vgg import VGGFeatures
     from hybrid.stages.evaluate import random_inception
-    from hybrid.train import TrainConfig, train_step
 
     def count(fn) -> float:
         with FlopCounterMode(display=False) as fc:
@@ -608,14 +616,9 @@ def gflop_per_image(a: dict) -> dict[str, dict]:
         parts[a["depth"]] = count(lambda: da(pixel_values=torch.zeros(1, 3, SIZE, SIZE, device=meta)))
     out["preprocess"] = {"gflop": sum(parts.values()), "what": " + ".join(parts) or "no network"}
     with meta:
-        G = Generator(**a["model"])
-        D = MultiscaleDiscriminator(G.in_channels + G.out_channels, a["ndf"])
         vgg = VGGLoss(VGGFeatures("vgg19")) if a["perceptual"] == "vgg19" else None
-    cfg = TrainConfig(perceptual=a["perceptual"], ndf=a["ndf"], lambda_l1=10.0 if vgg is None else 0.0)
-    opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=2e-4) for m in (G, D))
-    maps = {n: torch.zeros(1, 3 if n.endswith(("image", "learns")) else 1, s, s, device=meta)
-            for n in ("reference_image", "target_depth", "target_edge", "AHD_learns", "AHE_learns")}
-    step = count(lambda: train_step(G, D, vgg, opt_G, opt_D, maps, cfg, contextlib.nullcontext(), sync=False))
+        G = Generator(**a["model"])
+    step = count(train_step_call({**a, "compile": False, "precision": "fp32"}, meta, torch.contiguous_format, 1, vgg))
     out["train"] = {"gflop": step, "what": "G + D" + (" + VGG19" if vgg is not None else "") + ", per pair"}
     x = torch.zeros(1, G.in_channels, s, s, device=meta)
     with torch.no_grad():
