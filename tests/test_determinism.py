@@ -5,9 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hybrid.stages.flare
 import hybrid.train
 from hybrid.determinism import ReflectionPad2d, deterministic_algorithms, reflect_pad
 from hybrid.models.generator import Generator
+from tests.af_data import make_results, save_af_checkpoint
+from tests.test_flare import flare_run
 from tests.test_train import AUG, MODEL, Blobs, train_cfg
 
 PADS = [(3, 3, 3, 3), (1, 2, 0, 3), (0, 0, 1, 1), (2, 0, 2, 0)]
@@ -64,15 +67,29 @@ def test_deterministic_algorithms_restore_torchs_switches():
         torch.backends.cudnn.benchmark = False
 
 
-def test_training_steps_run_under_deterministic_algorithms_and_leave_torch_as_it_was(tmp_path, monkeypatch):
-    seen = []
-    real = hybrid.train.train_step
+def recording(monkeypatch, module, name: str) -> list[tuple[bool, bool]]:
+    """Patch ``module.name`` (a step function) to note torch's switches at each call."""
+    seen, real = [], getattr(module, name)
 
     def step(*args, **kw):
         seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark))
         return real(*args, **kw)
 
-    monkeypatch.setattr(hybrid.train, "train_step", step)
+    monkeypatch.setattr(module, name, step)
+    return seen
+
+
+def test_training_steps_run_under_deterministic_algorithms_and_leave_torch_as_it_was(tmp_path, monkeypatch):
+    seen = recording(monkeypatch, hybrid.train, "train_step")
     hybrid.train.train(Blobs(2), tmp_path / "ckpt", tmp_path / "work", MODEL, train_cfg(), AUG, max_steps=2)
+    assert seen == [(True, False)] * 2
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_flare_steps_run_under_deterministic_algorithms_too(tmp_path, monkeypatch):
+    """AnomalyFactory's loop (Flare, and Blaze through the same train_af) as the train stage."""
+    data, boot = make_results(tmp_path), save_af_checkpoint(tmp_path / "boot", "boot")
+    seen = recording(monkeypatch, hybrid.stages.flare, "af_step")
+    flare_run(data, boot, tmp_path / "flare", max_steps=2)
     assert seen == [(True, False)] * 2
     assert not torch.are_deterministic_algorithms_enabled()
